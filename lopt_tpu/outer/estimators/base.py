@@ -1,0 +1,124 @@
+"""The gradient-estimator interface and the helpers its implementations share.
+
+An estimator turns meta-parameters `theta` and its worker state (the inner runs it is
+advancing) into an estimate of d(meta-loss)/d(theta). All of its outputs are *means over the
+tasks it holds*, so that equal-sized shards combine exactly with `lax.pmean`.
+"""
+
+from typing import Any, Dict
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from lopt_tpu.outer import unroll as unroll_lib
+
+META_LOSS_TYPES = ("average", "last")
+
+
+@flax.struct.dataclass
+class GradientEstimate:
+  grad: Any  # same tree as theta
+  mean_loss: jax.Array
+  metrics: Dict[str, jax.Array]
+
+
+class GradientEstimator:
+  """`init_worker_state(theta, key)` then repeatedly `compute_gradient_estimate`.
+
+  `task_index` (default: all tasks) selects which global task slots this worker holds, so a
+  shard of the tasks gets exactly the random numbers it would get unsharded.
+  """
+
+  name = "estimator"
+  unroll: unroll_lib.TruncatedUnroll
+
+  @property
+  def inner_steps_per_call(self) -> int:
+    """Inner-step evaluations (forward+backward of the task) per `compute_gradient_estimate`."""
+    raise NotImplementedError
+
+  def init_worker_state(self, theta, key: jax.Array, task_index=None):
+    raise NotImplementedError
+
+  def compute_gradient_estimate(self, theta, state, key: jax.Array):
+    raise NotImplementedError
+
+
+def default_task_index(unroll: unroll_lib.TruncatedUnroll, task_index=None) -> jax.Array:
+  if task_index is None:
+    return jnp.arange(unroll.num_tasks, dtype=jnp.int32)
+  return jnp.asarray(task_index, jnp.int32)
+
+
+def sample_perturbations(theta, key: jax.Array, task_index: jax.Array, std: float):
+  """One Gaussian perturbation of `theta` per task: a tree with a leading [T] axis."""
+  leaves, treedef = jax.tree_util.tree_flatten(theta)
+
+  def one(i):
+    keys = jax.random.split(jax.random.fold_in(key, i), len(leaves))
+    return [std * jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
+            for k, x in zip(keys, leaves)]
+
+  return jax.tree_util.tree_unflatten(treedef, jax.vmap(one)(task_index))
+
+
+def antithetic_thetas(theta, eps):
+  """Stacks theta + eps and theta - eps: leaves get leading [2, T] axes."""
+  return jax.tree_util.tree_map(lambda t, e: jnp.stack([t + e, t - e]), theta, eps)
+
+
+def add_sample_axis(tree, num_samples: int = 1):
+  """Gives every leaf a leading sample axis (copies when num_samples > 1)."""
+  return jax.tree_util.tree_map(
+      lambda x: jnp.broadcast_to(x, (num_samples,) + jnp.shape(x)), tree)
+
+
+def weighted_task_mean(per_task: jax.Array, eps):
+  """mean_i per_task[i] * eps[i] for a [T] vector and a tree of [T, ...] leaves."""
+  def one(e):
+    w = jnp.reshape(per_task, per_task.shape + (1,) * (e.ndim - 1)).astype(e.dtype)
+    return jnp.mean(w * e, axis=0)
+  return jax.tree_util.tree_map(one, eps)
+
+
+def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+  mask = mask.astype(x.dtype)
+  return jnp.sum(jnp.where(mask > 0, x, 0.0), axis=axis) / jnp.maximum(
+      jnp.sum(mask, axis=axis), 1.0)
+
+
+def per_task_meta_loss(meta_loss: jax.Array, valid: jax.Array, loss_type: str) -> jax.Array:
+  """Reduces [steps, T] losses to [T]: the average over the run, or the last step's loss."""
+  if loss_type == "average":
+    return masked_mean(meta_loss, valid, axis=0)
+  return jnp.where(valid[-1], meta_loss[-1], 0.0)
+
+
+def sanitize_grad(grad):
+  """Zeroes non-finite gradient entries so one bad inner run never poisons theta.
+
+  Returns (grad, fraction of entries that were non-finite).
+  """
+  leaves = jax.tree_util.tree_leaves(grad)
+  bad = sum(jnp.sum(~jnp.isfinite(x)) for x in leaves)
+  total = sum(x.size for x in leaves)
+  clean = jax.tree_util.tree_map(lambda x: jnp.where(jnp.isfinite(x), x, 0.0), grad)
+  return clean, bad / max(total, 1)
+
+
+def step_metrics(out: unroll_lib.StepOut) -> Dict[str, jax.Array]:
+  """Means over steps, samples and tasks: restarts, divergences, training loss."""
+  f32 = jnp.float32
+  return {
+      "restart_frac": jnp.mean(out.is_done.astype(f32)),
+      "diverged_frac": jnp.mean(out.diverged.astype(f32)),
+      "inner_train_loss": masked_mean(out.loss, jnp.isfinite(out.loss)),
+  }
+
+
+def finish(grad, mean_loss, out: unroll_lib.StepOut) -> GradientEstimate:
+  grad, bad = sanitize_grad(grad)
+  metrics = step_metrics(out)
+  metrics["nonfinite_grad_frac"] = jnp.asarray(bad, jnp.float32)
+  return GradientEstimate(grad=grad, mean_loss=mean_loss, metrics=metrics)
