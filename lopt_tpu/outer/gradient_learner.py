@@ -1,0 +1,170 @@
+"""Outer learners: turn meta-gradient estimates into updates of the learned optimizer's theta.
+
+`GradientLearner` is the central learner (theta + an optax outer optimizer);
+`gradient_worker_compute` is what a worker runs (estimators -> what travels to the learner);
+`SingleMachineGradientLearner` fuses both into one jitted outer step.
+"""
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from lopt_tpu.learned_optimizers import base as lopt_base
+from lopt_tpu.outer.estimators import base as est_base
+
+
+@flax.struct.dataclass
+class GradientLearnerState:
+  theta: Any
+  theta_opt_state: Any
+  step: jax.Array  # int32: outer steps taken
+
+
+@flax.struct.dataclass
+class WorkerWeights:
+  """What the learner sends to workers: only theta and the outer step."""
+  theta: Any
+  step: jax.Array
+
+
+@flax.struct.dataclass
+class AggregatedGradient:
+  """What a worker sends back: gradients, losses and metrics, never unroll states."""
+  theta_grads: Any
+  mean_loss: jax.Array
+  metrics: Dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class WorkerComputeOut:
+  to_put: AggregatedGradient
+  unroll_states: List[Any]
+  metrics: Dict[str, jax.Array]
+
+
+def estimator_labels(estimators: Sequence[est_base.GradientEstimator]) -> List[str]:
+  """Readable, unique metric prefixes such as 'truncated_pes/quadratic_family'."""
+  labels = []
+  for est in estimators:
+    family = est.unroll.task_family
+    label = f"{est.name}/{getattr(family, 'name', type(family).__name__)}"
+    base, n = label, 1
+    while label in labels:
+      label, n = f"{base}_{n}", n + 1
+    labels.append(label)
+  return labels
+
+
+def gradient_worker_compute(worker_weights: WorkerWeights,
+                            estimators: Sequence[est_base.GradientEstimator],
+                            unroll_states: Sequence[Any], key: jax.Array,
+                            with_metrics: bool = True) -> WorkerComputeOut:
+  """Runs every estimator once; averages their gradients with equal weight.
+
+  Pure and jit-compatible (estimators are static Python objects). Estimator i uses
+  `fold_in(key, i)`, so adding an estimator does not change the others' random numbers.
+  """
+  grads, losses, states, metrics = [], [], [], {}
+  for i, (est, label) in enumerate(zip(estimators, estimator_labels(estimators))):
+    out, state = est.compute_gradient_estimate(worker_weights.theta, unroll_states[i],
+                                               jax.random.fold_in(key, i))
+    grads.append(out.grad)
+    losses.append(out.mean_loss)
+    states.append(state)
+    if with_metrics:
+      metrics[f"{label}/mean_loss"] = out.mean_loss
+      metrics.update({f"{label}/{k}": v for k, v in out.metrics.items()})
+  mean = lambda *xs: sum(xs) / len(xs)
+  grad = jax.tree_util.tree_map(mean, *grads)
+  loss = mean(*losses)
+  return WorkerComputeOut(to_put=AggregatedGradient(grad, loss, metrics), unroll_states=states,
+                          metrics=metrics)
+
+
+class GradientLearner:
+  """Holds theta and the outer optimizer; applies averaged worker gradients.
+
+  Args:
+    learned_opt: provides `init(key) -> theta`.
+    theta_opt: optax transformation for theta (e.g. `optax.adam(1e-3)`).
+    meta_grad_clip: if set, clip the averaged meta-gradient to this global norm.
+  """
+
+  def __init__(self, learned_opt: lopt_base.LearnedOptimizer,
+               theta_opt: optax.GradientTransformation, meta_grad_clip: Optional[float] = None):
+    self.learned_opt = learned_opt
+    self.theta_opt = theta_opt
+    self.meta_grad_clip = meta_grad_clip
+
+  def init(self, key: jax.Array) -> GradientLearnerState:
+    theta = self.learned_opt.init(key)
+    return GradientLearnerState(theta=theta, theta_opt_state=self.theta_opt.init(theta),
+                                step=jnp.asarray(0, jnp.int32))
+
+  def get_state_for_worker(self, state: GradientLearnerState) -> WorkerWeights:
+    return WorkerWeights(theta=state.theta, step=state.step)
+
+  def update(self, state: GradientLearnerState, worker_outputs: Sequence[AggregatedGradient],
+             key: Optional[jax.Array] = None) -> Tuple[GradientLearnerState, Dict[str, Any]]:
+    """Averages the workers' gradients and takes one outer-optimizer step."""
+    del key  # the outer update is deterministic; kept for interface symmetry
+    grads = jax.tree_util.tree_map(lambda *g: sum(g) / len(g),
+                                   *[w.theta_grads for w in worker_outputs])
+    grad_norm = optax.global_norm(grads)
+    if self.meta_grad_clip is not None:
+      scale = jnp.minimum(1.0, self.meta_grad_clip / (grad_norm + 1e-12))
+      grads = jax.tree_util.tree_map(lambda g: g * scale, grads)
+    updates, opt_state = self.theta_opt.update(grads, state.theta_opt_state, state.theta)
+    theta = optax.apply_updates(state.theta, updates)
+    metrics = {"theta_grad_norm": grad_norm, "theta_update_norm": optax.global_norm(updates),
+               "theta_norm": optax.global_norm(theta)}
+    return GradientLearnerState(theta=theta, theta_opt_state=opt_state,
+                                step=state.step + 1), metrics
+
+
+@flax.struct.dataclass
+class SingleMachineState:
+  gradient_learner_state: GradientLearnerState
+  gradient_estimator_states: List[Any]
+
+
+class SingleMachineGradientLearner:
+  """Worker and learner in one jitted outer step, for one or many estimators.
+
+  `update(state, key)` derives this step's randomness as `fold_in(key, state.step)`, so passing
+  the same base key every step (as loops naturally do) still gives fresh random numbers, and a
+  run resumed from a checkpoint replays exactly the keys it would have used.
+  """
+
+  def __init__(self, learned_opt: lopt_base.LearnedOptimizer,
+               estimators: Sequence[est_base.GradientEstimator],
+               theta_opt: optax.GradientTransformation, meta_grad_clip: Optional[float] = None):
+    self.learner = GradientLearner(learned_opt, theta_opt, meta_grad_clip)
+    self.estimators = tuple(estimators)
+    self._update = jax.jit(self._update_impl, static_argnames="with_metrics", donate_argnums=0)
+
+  def init(self, key: jax.Array) -> SingleMachineState:
+    k_theta, k_workers = jax.random.split(key)
+    learner_state = self.learner.init(k_theta)
+    states = [est.init_worker_state(learner_state.theta, jax.random.fold_in(k_workers, i))
+              for i, est in enumerate(self.estimators)]
+    return SingleMachineState(learner_state, states)
+
+  def update(self, state: SingleMachineState, key: jax.Array, with_metrics: bool = True):
+    """One outer step. Returns (next_state, mean meta-loss, metrics). `state` is donated."""
+    return self._update(state, key, with_metrics=with_metrics)
+
+  def _update_impl(self, state, key, with_metrics):
+    learner_state = state.gradient_learner_state
+    key = jax.random.fold_in(key, learner_state.step)
+    out = gradient_worker_compute(self.learner.get_state_for_worker(learner_state),
+                                  self.estimators, state.gradient_estimator_states, key,
+                                  with_metrics=with_metrics)
+    learner_state, learner_metrics = self.learner.update(learner_state, [out.to_put])
+    metrics = dict(out.metrics)
+    if with_metrics:
+      metrics.update(learner_metrics)
+    return SingleMachineState(learner_state, out.unroll_states), out.to_put.mean_loss, metrics
