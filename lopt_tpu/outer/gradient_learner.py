@@ -113,14 +113,14 @@ class GradientLearner:
     del key  # the outer update is deterministic; kept for interface symmetry
     grads = jax.tree_util.tree_map(lambda *g: sum(g) / len(g),
                                    *[w.theta_grads for w in worker_outputs])
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     if self.meta_grad_clip is not None:
       scale = jnp.minimum(1.0, self.meta_grad_clip / (grad_norm + 1e-12))
       grads = jax.tree_util.tree_map(lambda g: g * scale, grads)
     updates, opt_state = self.theta_opt.update(grads, state.theta_opt_state, state.theta)
     theta = optax.apply_updates(state.theta, updates)
-    metrics = {"theta_grad_norm": grad_norm, "theta_update_norm": optax.global_norm(updates),
-               "theta_norm": optax.global_norm(theta)}
+    metrics = {"theta_grad_norm": grad_norm, "theta_update_norm": optax.tree.norm(updates),
+               "theta_norm": optax.tree.norm(theta)}
     return GradientLearnerState(theta=theta, theta_opt_state=opt_state,
                                 step=state.step + 1), metrics
 
