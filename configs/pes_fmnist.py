@@ -1,0 +1,14 @@
+"""The Part 5 workload as in the tutorial: Fashion-MNIST resized to 8x8 (needs internet for the
+first TFDS download) + the quadratic family, MLPLOpt, truncated PES.
+
+  python main.py --config=configs/pes_fmnist.py --workdir=/tmp/lopt_pes_fmnist
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.task_families.mlp.name = "fmnist8_mlp"  # Fashion-MNIST 8x8, 32-unit ReLU MLP
+  config.eval.task = "fmnist8_mlp"
+  return config

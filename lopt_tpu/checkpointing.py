@@ -1,0 +1,42 @@
+"""Orbax checkpoints of the complete outer state, so a killed run resumes exactly.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a
+checkpoint cut off mid-write is never listed, and never loaded.
+"""
+
+import os
+from typing import Any, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves every `save_every` steps (and when forced), keeps the newest `keep`."""
+
+  def __init__(self, directory: str, keep: int = 3):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def restore_latest(self, target: Any) -> Tuple[Any, int]:
+    """(restored state, its step), or (target, 0) when there is no checkpoint yet.
+
+    `target` gives the tree structure, shapes and dtypes (e.g. a freshly initialized state).
+    """
+    step = self.manager.latest_step()
+    if step is None:
+      return target, 0
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract)), int(step)
+
+  def save(self, step: int, state: Any):
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def close(self):
+    """Waits for asynchronous writes; call before exiting."""
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,128 @@
+"""Config validation that runs before anything is compiled or written.
+
+Each problem becomes one `ConfigError` whose message names the field, the bad value and what is
+accepted, so a user's mistake ends the run with one clear line instead of a traceback.
+"""
+
+import os
+import tempfile
+
+import jax
+
+from lopt_tpu import experiment
+from lopt_tpu import registry
+from lopt_tpu.outer import unroll as unroll_lib
+from lopt_tpu.outer.estimators import base as est_base
+
+
+class ConfigError(ValueError):
+  """A config field has a value the run cannot use."""
+
+
+def _fail(field: str, value, accepted: str):
+  raise ConfigError(f"config.{field}={value!r} is invalid: {accepted}")
+
+
+def _positive_int(config, field: str):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    _fail(field, value, "must be a positive integer")
+
+
+def _known(field: str, value, kind: str, known):
+  if value not in known:
+    _fail(field, value, f"unknown {kind}; known: {', '.join(sorted(known))}")
+
+
+def check_names(config):
+  _known("learned_optimizer.name", config.learned_optimizer.name, "learned optimizer",
+         registry.LEARNED_OPTIMIZERS)
+  _known("estimator.name", config.estimator.name, "estimator", registry.ESTIMATORS)
+  _known("estimator.schedule", config.estimator.schedule, "truncation schedule",
+         registry.TRUNCATION_SCHEDULES)
+  _known("outer_optimizer.name", config.outer_optimizer.name, "outer optimizer",
+         experiment.OUTER_OPTIMIZERS)
+  _known("estimator.meta_loss_split", config.estimator.meta_loss_split, "split",
+         unroll_lib.META_LOSS_SPLITS)
+  _known("estimator.loss_type", config.estimator.loss_type, "meta-loss type",
+         est_base.META_LOSS_TYPES)
+  if not config.task_families:
+    _fail("task_families", {}, "name at least one task family")
+  for label, fam in config.task_families.items():
+    _known(f"task_families.{label}.name", fam.name, "task family", registry.TASK_FAMILIES)
+  _known("eval.task", config.eval.task, "task family", registry.TASK_FAMILIES)
+
+
+def check_sizes(config, device_count: int):
+  for field in ("num_outer_steps", "estimator.num_tasks", "estimator.trunc_length",
+                "estimator.min_length", "estimator.max_length", "log_every", "checkpoint_every",
+                "keep_checkpoints", "eval.num_steps", "eval.num_seeds"):
+    _positive_int(config, field)
+  est = config.estimator
+  if est.min_length > est.max_length:
+    _fail("estimator.min_length", est.min_length,
+          f"must be <= estimator.max_length ({est.max_length})")
+  if est.name not in registry.FULL_EPISODE_ESTIMATORS and est.trunc_length > est.max_length:
+    _fail("estimator.trunc_length", est.trunc_length,
+          f"must be <= estimator.max_length ({est.max_length}), the longest inner run")
+  if not est.std > 0:
+    _fail("estimator.std", est.std, "must be > 0")
+  if est.random_initial_iteration_offset < 0:
+    _fail("estimator.random_initial_iteration_offset", est.random_initial_iteration_offset,
+          "must be >= 0")
+  if est.num_tasks % device_count:
+    _fail("estimator.num_tasks", est.num_tasks,
+          f"must be divisible by the device count ({device_count})")
+  if not config.outer_optimizer.learning_rate > 0:
+    _fail("outer_optimizer.learning_rate", config.outer_optimizer.learning_rate, "must be > 0")
+  if config.eval.every < 0:
+    _fail("eval.every", config.eval.every, "must be >= 0 (0: only at the end)")
+  if not config.eval.adam_learning_rates or min(config.eval.adam_learning_rates) <= 0:
+    _fail("eval.adam_learning_rates", config.eval.adam_learning_rates,
+          "must be a non-empty list of positive learning rates")
+
+
+def check_buildable(config):
+  """Builds the learned optimizer and every task family (which loads its data), so bad
+  constructor arguments and unloadable data fail here, before any compilation."""
+  try:
+    experiment.build_learned_optimizer(config)
+  except (TypeError, ValueError) as e:
+    _fail("learned_optimizer.kwargs", config.learned_optimizer.kwargs.to_dict(),
+          f"cannot build {config.learned_optimizer.name}: {_one_line(e)}")
+  for label, fam in config.task_families.items():
+    try:
+      experiment.build_task_family(fam.name, fam.kwargs)
+    except (OSError, RuntimeError, ValueError, TypeError) as e:
+      _fail(f"task_families.{label}", fam.to_dict(), f"cannot build it: {_one_line(e)}")
+  try:
+    experiment.build_task_family(config.eval.task, config.eval.task_kwargs)
+  except (OSError, RuntimeError, ValueError, TypeError) as e:
+    _fail("eval.task_kwargs", config.eval.task_kwargs.to_dict(),
+          f"cannot build {config.eval.task}: {_one_line(e)}")
+
+
+def check_workdir(workdir: str):
+  if not workdir:
+    _fail("workdir", workdir, "pass --workdir=DIR, a writable directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir!r} is not writable: {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+  text = str(e).strip().splitlines()
+  return text[0] if text else type(e).__name__
+
+
+def validate(config, workdir: str, device_count: int = None):
+  """Raises ConfigError for the first problem found; returns quietly if the run can start."""
+  check_names(config)
+  check_sizes(config, jax.device_count() if device_count is None else device_count)
+  check_buildable(config)
+  check_workdir(workdir)

@@ -1,0 +1,154 @@
+"""`train_and_evaluate(config, workdir)`: the meta-training loop of the application.
+
+Config -> components -> restore-or-init -> jitted outer steps -> metrics and checkpoints out.
+Keys derive from (seed, outer step), data are sampled on device from those keys, and the whole
+outer state is checkpointed, so a run killed at any moment and restarted ends bitwise equal to
+an uninterrupted one.
+"""
+
+import signal
+import time
+from typing import Any, Dict
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import jax
+import numpy as np
+
+from lopt_tpu import checkpointing
+from lopt_tpu import config_checks
+from lopt_tpu import eval_run
+from lopt_tpu import experiment
+
+INIT_STREAM, TRAIN_STREAM = 0, 1  # fold_in(seed key, stream) separates uses of the seed
+
+
+class NonFiniteError(FloatingPointError):
+  """The meta-loss or theta became non-finite; the last good checkpoint is kept."""
+
+
+class _StopFlag:
+  """Set by SIGTERM (preemption): the loop checkpoints and returns at the next step."""
+
+  def __init__(self):
+    self.stop = False
+
+  def __call__(self, signum, frame):
+    del signum, frame
+    self.stop = True
+
+
+def _accumulate(total, metrics):
+  if total is None:
+    return dict(metrics)
+  return {k: total[k] + v for k, v in metrics.items()}
+
+
+def _check_finite(step: int, scalars: Dict[str, float]):
+  bad = sorted(k for k, v in scalars.items() if not np.isfinite(v))
+  if bad:
+    raise NonFiniteError(f"non-finite {', '.join(bad)} at outer step {step}; the last good "
+                         "checkpoint is kept (lower outer_optimizer.learning_rate or set "
+                         "outer_optimizer.meta_grad_clip)")
+
+
+def init_state(exp: experiment.Experiment, seed: int):
+  key = jax.random.fold_in(jax.random.key(seed), INIT_STREAM)
+  return jax.jit(exp.learner.init)(key)
+
+
+def train_and_evaluate(config, workdir: str) -> Any:
+  """Meta-trains as `config` says, resuming from `workdir` if it holds a checkpoint.
+
+  Returns the final outer state (theta is `state.gradient_learner_state.theta`).
+  """
+  config_checks.validate(config, workdir)
+  exp = experiment.build(config)
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.keep_checkpoints)
+  state, start = ckpt.restore_latest(init_state(exp, config.seed))
+  if start:
+    logging.info("Resumed from the checkpoint of outer step %d.", start)
+  else:
+    writer.write_hparams(_flat(config.to_dict()))
+  train_key = jax.random.fold_in(jax.random.key(config.seed), TRAIN_STREAM)
+  inner_per_step = sum(e.inner_steps_per_call for e in exp.estimators)
+  report = periodic_actions.ReportProgress(num_train_steps=config.num_outer_steps,
+                                           writer=writer, every_steps=config.log_every)
+  stop = _StopFlag()
+  previous_handler = signal.signal(signal.SIGTERM, stop)
+  try:
+    state = _loop(config, exp, state, start, train_key, inner_per_step, writer, report, ckpt,
+                  stop, workdir)
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    ckpt.close()
+    writer.flush()
+  return state
+
+
+def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, ckpt, stop,
+          workdir):
+  total, count, t0 = None, 0, time.perf_counter()
+  step = start
+  for step in range(start + 1, config.num_outer_steps + 1):
+    state, loss, metrics = exp.learner.update(state, train_key)
+    total = _accumulate(total, dict(metrics, meta_loss=loss))
+    count += 1
+    report(step)
+    if step % config.log_every == 0 or step == config.num_outer_steps:
+      scalars = {k: float(v) / count for k, v in jax.device_get(total).items()}
+      _check_finite(step, scalars)
+      elapsed = time.perf_counter() - t0
+      scalars = {f"meta/{k}": v for k, v in scalars.items()}
+      scalars["perf/outer_steps_per_s"] = count / elapsed
+      scalars["perf/inner_steps_per_s"] = count * inner_per_step / elapsed
+      writer.write_scalars(step, scalars)
+      logging.info("outer step %d: meta-loss %.5g", step, scalars["meta/meta_loss"])
+      total, count, t0 = None, 0, time.perf_counter()
+    if step % config.checkpoint_every == 0 or step == config.num_outer_steps or stop.stop:
+      ckpt.save(step, state)
+    if config.eval.every and step % config.eval.every == 0:
+      eval_run.evaluate_theta(config, exp.learned_opt, _theta(state), workdir, writer, step)
+    if stop.stop:
+      logging.warning("SIGTERM: saved outer step %d and stopping.", step)
+      return state
+  if config.eval.at_end and step == config.num_outer_steps:
+    eval_run.evaluate_theta(config, exp.learned_opt, _theta(state), workdir, writer, step)
+  return state
+
+
+def _theta(state):
+  return state.gradient_learner_state.theta
+
+
+def _flat(d: dict, prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out
+
+
+def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
+  """The evaluation mode: evaluates the theta of the newest checkpoint in `workdir`."""
+  config_checks.validate(config, workdir)
+  exp = experiment.build(config)
+  ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.keep_checkpoints)
+  try:
+    state, step = ckpt.restore_latest(init_state(exp, config.seed))
+  finally:
+    ckpt.close()
+  if not step:
+    raise config_checks.ConfigError(f"--workdir={workdir!r} holds no checkpoint to evaluate; "
+                                    "train first (--mode=train)")
+  writer = metric_writers.create_default_writer(workdir,
+                                                just_logging=jax.process_index() != 0)
+  result = eval_run.evaluate_theta(config, exp.learned_opt, _theta(state), workdir, writer, step)
+  writer.flush()
+  return result
+

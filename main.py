@@ -1,0 +1,48 @@
+"""lopt_tpu entry point: meta-train (or evaluate) a learned optimizer as a config says.
+
+  python main.py --config=configs/pes_digits.py --workdir=/tmp/lopt
+  python main.py --config=configs/pes_digits.py --workdir=/tmp/lopt --mode=eval
+
+Override any field with --config.some.field=value. Rerunning the same command resumes from the
+newest checkpoint in --workdir.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, reports.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train: meta-train (resuming if possible); eval: evaluate the newest "
+                          "checkpoint against tuned Adam.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Imported here so --help and flag errors stay fast (JAX and TF load in ~5 s).
+  import jax  # pylint: disable=g-import-not-at-top
+  from lopt_tpu import config_checks  # pylint: disable=g-import-not-at-top
+  from lopt_tpu import train  # pylint: disable=g-import-not-at-top
+
+  logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s).", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform)
+  try:
+    if _MODE.value == "train":
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    else:
+      train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+  except config_checks.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
