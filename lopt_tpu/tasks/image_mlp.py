@@ -7,7 +7,7 @@ the sampled architecture is imposed by masking (see `ImageMLPFamily`).
 """
 
 import math
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -109,16 +109,23 @@ class ImageMLPTask(base.Task):
     return datasets.sample_batch(self.dataset, key, self.batch_size, split)
 
 
-def fmnist8_mlp() -> ImageMLPTask:
-  """The tutorials' task: Fashion-MNIST at 8x8, one hidden layer of 32 ReLU, batch 128."""
-  return ImageMLPTask(datasets.load_fashion_mnist8(), hidden_sizes=(32,), activation="relu",
-                      batch_size=128)
+_TUTORIAL_MLP = {"hidden_sizes": (32,), "activation": "relu", "batch_size": 128}
 
 
-def digits_mlp() -> ImageMLPTask:
+def fmnist8_mlp(data_dir: Optional[str] = None, download: bool = True,
+                **task_kwargs) -> ImageMLPTask:
+  """The tutorials' task: Fashion-MNIST at 8x8, one hidden layer of 32 ReLU, batch 128.
+
+  `data_dir`/`download` go to TFDS (pass download=False offline to fail at once); other
+  keyword arguments override ImageMLPTask's (hidden_sizes, activation, batch_size, ...).
+  """
+  dataset = datasets.load_fashion_mnist8(data_dir=data_dir, download=download)
+  return ImageMLPTask(dataset, **dict(_TUTORIAL_MLP, **task_kwargs))
+
+
+def digits_mlp(**task_kwargs) -> ImageMLPTask:
   """The same MLP on scikit-learn's digits: the offline stand-in for `fmnist8_mlp`."""
-  return ImageMLPTask(datasets.load_digits8(), hidden_sizes=(32,), activation="relu",
-                      batch_size=128)
+  return ImageMLPTask(datasets.load_digits8(), **dict(_TUTORIAL_MLP, **task_kwargs))
 
 
 class MaskedMLP(nn.Module):

@@ -1,0 +1,157 @@
+"""End-to-end tests of the application: main.py, metrics, checkpoints, exact resume, errors."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from lopt_tpu import checkpointing
+from lopt_tpu import experiment
+from lopt_tpu import train
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's plain run
+  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  env["PYTHONPATH"] = ROOT
+  return env
+
+
+def _main(workdir, *overrides, config="configs/test.py"):
+  return [sys.executable, os.path.join(ROOT, "main.py"), f"--config={config}",
+          f"--workdir={workdir}", *overrides]
+
+
+def _final_theta(workdir, config):
+  exp = experiment.build(config)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    state, step = ckpt.restore_latest(train.init_state(exp, config.seed))
+  finally:
+    ckpt.close()
+  return step, state.gradient_learner_state.theta
+
+
+def _scalars(workdir):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0, "scalars": 0})
+  acc.Reload()
+  tags = set(acc.Tags().get("scalars", [])) | set(acc.Tags().get("tensors", []))
+  return acc, tags
+
+
+def test_train_and_evaluate_writes_metrics_checkpoints_and_report(tmp_path):
+  workdir = str(tmp_path)
+  config = test_config.get_config()
+  state = train.train_and_evaluate(config, workdir)
+  assert int(state.gradient_learner_state.step) == config.num_outer_steps
+  _, tags = _scalars(workdir)
+  for tag in ("meta/meta_loss", "meta/theta_grad_norm", "perf/outer_steps_per_s",
+              "perf/inner_steps_per_s", "meta/truncated_pes/quadratic_family/mean_loss",
+              "meta/truncated_pes/digits_mlp/restart_frac", "eval/learned/mean_loss",
+              "eval/best_adam_lr"):
+    assert tag in tags, (tag, sorted(tags))
+  steps = sorted(int(os.path.basename(p)) for p in glob.glob(f"{workdir}/checkpoints/*")
+                 if os.path.basename(p).isdigit())
+  assert steps == [2, 4, 6]  # every 2 steps, last 3 kept
+  report = glob.glob(f"{workdir}/eval/step_*.png")
+  assert report and os.path.getsize(report[0]) > 10_000
+  table = open(glob.glob(f"{workdir}/eval/step_*.md")[0]).read()
+  assert "learned" in table and "adam@0.1" in table
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+  overrides = ["--config.num_outer_steps=14", "--config.eval.at_end=False",
+               "--config.log_every=1"]
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  subprocess.run(_main(straight, *overrides), env=_env(), check=True, capture_output=True,
+                 timeout=300)
+  proc = subprocess.Popen(_main(killed, *overrides), env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and not os.path.isdir(f"{killed}/checkpoints/4"):
+    time.sleep(0.05)
+  time.sleep(0.3)  # somewhere between checkpoints, maybe mid-write of the next one
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  config = test_config.get_config()
+  config.num_outer_steps = 14
+  step_at_kill, _ = _final_theta(killed, config)
+  assert 4 <= step_at_kill < 14
+  subprocess.run(_main(killed, *overrides), env=_env(), check=True, capture_output=True,
+                 timeout=300)
+  (s1, theta1), (s2, theta2) = _final_theta(straight, config), _final_theta(killed, config)
+  assert s1 == s2 == 14
+  for a, b in zip(jax.tree_util.tree_leaves(theta1), jax.tree_util.tree_leaves(theta2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("override,field", [
+    ("--config.learned_optimizer.name=adamw_lopt", "learned_optimizer.name"),
+    ("--config.estimator.name=reinforce", "estimator.name"),
+    ("--config.task_families.mlp.name=imagenet_mlp", "task_families.mlp.name"),
+    ("--config.estimator.num_tasks=0", "estimator.num_tasks"),
+    ("--config.estimator.trunc_length=-5", "estimator.trunc_length"),
+    ("--config.estimator.trunc_length=400", "estimator.trunc_length"),
+    ("--config.estimator.num_tasks=3", "estimator.num_tasks"),
+    ("--config.outer_optimizer.learning_rate=-1.0", "outer_optimizer.learning_rate"),
+])
+def test_bad_config_fails_with_one_clear_line(tmp_path, override, field):
+  env = _env()
+  if "num_tasks=3" in override:
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  workdir = tmp_path / "work"
+  workdir.mkdir()
+  (workdir / "checkpoints").mkdir()
+  marker = workdir / "checkpoints" / "keep_me"
+  marker.write_text("x")
+  result = subprocess.run(_main(str(workdir), override), env=env, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1, result.stderr[-2000:]
+  assert f"config.{field}=" in errors[0], errors[0]
+  assert "Traceback" not in result.stderr
+  assert marker.read_text() == "x" and sorted(os.listdir(workdir / "checkpoints")) == ["keep_me"]
+
+
+def test_unloadable_data_fails_with_one_clear_line(tmp_path):
+  config_file = tmp_path / "fmnist_offline.py"
+  config_file.write_text(
+      "from configs import test\n"
+      "def get_config():\n"
+      "  config = test.get_config()\n"
+      "  config.task_families.mlp.name = 'fmnist8_mlp'\n"
+      f"  config.task_families.mlp.kwargs = {{'data_dir': {str(tmp_path / 'empty')!r},"
+      " 'download': False}\n"
+      "  return config\n")
+  result = subprocess.run(_main(str(tmp_path / "work"), config=str(config_file)), env=_env(),
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1, result.stderr[-2000:]
+  assert "config.task_families.mlp=" in errors[0] and "digits8" in errors[0], errors[0]
+  assert "Traceback" not in result.stderr
+
+
+def test_unwritable_workdir_fails_with_one_clear_line(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  result = subprocess.run(_main(str(blocker / "sub")), env=_env(), capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 2
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and "--workdir=" in errors[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
