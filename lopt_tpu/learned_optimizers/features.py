@@ -56,7 +56,8 @@ def segment_mean(x: jax.Array, layout: FlatLayout) -> jax.Array:
   """Mean of `x` ([P, ...]) over each tensor's entries: [num_tensors, ...]."""
   total = jax.ops.segment_sum(x, layout.segment_ids, num_segments=layout.num_tensors,
                               indices_are_sorted=True)
-  counts = jnp.asarray(layout.sizes, x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+  # max(., 1): an empty tensor's mean is 0, not 0/0 (NaN would poison per-tensor networks).
+  counts = jnp.asarray(np.maximum(layout.sizes, 1), x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
   return total / counts
 
 

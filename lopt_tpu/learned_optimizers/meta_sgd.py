@@ -45,7 +45,9 @@ class _MetaSGDOptimizer(opt_base.Optimizer):
   def update(self, opt_state, grads, loss=None, model_state=None, key=None):
     lr = jnp.exp(self.theta["log_lr"])
     wd = jnp.exp(self.theta["log_wd"])
-    params = jax.tree_util.tree_map(lambda p, g: p - lr * g - wd * p, opt_state.params, grads)
+    # Cast back: float32 lr/wd would otherwise promote bfloat16 params (a scan-carry change).
+    params = jax.tree_util.tree_map(lambda p, g: (p - lr * g - wd * p).astype(jnp.result_type(p)),
+                                    opt_state.params, grads)
     return MetaSGDState(
         params=params,
         model_state=opt_state.model_state if model_state is None else model_state,

@@ -1,0 +1,225 @@
+"""Contract tests shared by every learned optimizer, plus a few known answers per design.
+
+Each learned optimizer must: keep the params tree (structure, shapes, dtypes) and its own state
+signature fixed across steps (the state is a `lax.scan` carry), trace `update` once, give
+finite, non-zero meta-gradients through an unrolled inner run, and take small, sane steps at
+theta-init.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lopt_tpu.learned_optimizers import adafac_mlp_lopt
+from lopt_tpu.learned_optimizers import hparam_controller
+from lopt_tpu.learned_optimizers import meta_sgd
+from lopt_tpu.learned_optimizers import mlp_lopt
+from lopt_tpu.learned_optimizers import nn_adam
+from lopt_tpu.learned_optimizers import per_param_mlp
+from lopt_tpu.learned_optimizers import rnn_mlp_lopt
+from lopt_tpu.tasks import quadratics
+
+LOPTS = {
+    "meta_sgd_wd": meta_sgd.MetaSGDWD,
+    "mlp_lopt": mlp_lopt.MLPLOpt,
+    "per_param_mlp": per_param_mlp.PerParamMLP,
+    "hparam_controller": hparam_controller.HParamController,
+    "nn_adam": nn_adam.NNAdam,
+    "adafac_mlp_lopt": adafac_mlp_lopt.AdafacMLPLOpt,
+    "rnn_mlp_lopt": rnn_mlp_lopt.RNNMLPLOpt,
+}
+# These start out as a hand-designed optimizer (SGD, SGD + momentum, Adam), so must descend.
+DESCENDS_AT_INIT = ("meta_sgd_wd", "hparam_controller", "nn_adam")
+
+all_lopts = pytest.mark.parametrize("name", list(LOPTS))
+
+
+def _lopt_and_theta(name, seed=0):
+  lopt = LOPTS[name]()
+  return lopt, lopt.init(jax.random.PRNGKey(seed))
+
+
+def _mixed_tree(seed):
+  # numpy draws and numpy checks below: eager jax ops would compile per shape and slow the suite.
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  return {"scalar": normal(), "vector": normal(5), "matrix": normal(4, 3),
+          "conv": normal(3, 3, 2, 4), "half": normal(3, 2).astype(jnp.bfloat16)}
+
+
+def _signature(tree):
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return treedef, [(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+
+
+def _numpy(tree):
+  return [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _all_finite(tree):
+  return all(np.all(np.isfinite(x)) for x in _numpy(tree))
+
+
+def _sum_of_squares(params, keys=None):
+  """`0.5 * |params|^2` over all leaves, or only the top-level entries named in `keys`."""
+  if keys is not None:
+    params = {k: params[k] for k in keys}
+  return sum(0.5 * jnp.sum(jnp.square(x.astype(jnp.float32)))
+             for x in jax.tree_util.tree_leaves(params))
+
+
+@all_lopts
+def test_update_keeps_signature_and_traces_once(name):
+  lopt, theta = _lopt_and_theta(name)
+  assert lopt.name == name
+  params = _mixed_tree(0)
+  state = lopt.opt_fn(theta).init(params)
+  chex.clear_trace_counter()  # the counter is keyed by code, shared by the parametrizations
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def update(theta, state, grads, loss):
+    return lopt.opt_fn(theta).update(state, grads, loss=loss)
+
+  # The second call feeds the first call's output (and a perturbed theta) back in: any dtype,
+  # weak-type or shape drift in the state (a broken lax.scan carry) would trace a second time.
+  new = update(theta, state, _mixed_tree(1), jnp.asarray(2.0))
+  theta = jax.tree_util.tree_map(lambda x: x * 1.01, theta)
+  new = update(theta, new, _mixed_tree(2), jnp.asarray(1.5))
+  assert _signature(new.params) == _signature(params)
+  assert _signature(new) == _signature(state)
+  assert int(new.iteration) == 2
+  assert _all_finite(new)
+  assert any(np.any(a != b) for a, b in zip(_numpy(new.params), _numpy(params)))
+
+
+def _unrolled_loss(lopt, theta, num_steps=10):
+  """(Mean training loss, final state) of `num_steps` inner steps on a quadratic (FullGrad).
+
+  Two tensors are trained; the others never get a gradient, like unused weights in a real
+  model, or are empty: neither may turn the meta-gradient into NaN.
+  """
+  params = {"w": jnp.linspace(-1., 1., 6).reshape(2, 3), "b": jnp.asarray([0.5, -2., 1.]),
+            "dead": jnp.zeros([2, 2]), "dead_scalar": jnp.zeros([]),
+            "empty": jnp.zeros([0, 3])}
+  opt = lopt.opt_fn(theta)
+
+  def step(state, _):
+    p = opt.get_params(state)
+    loss, grads = jax.value_and_grad(_sum_of_squares)(p, keys=("w", "b"))
+    return opt.update(state, grads, loss=loss), loss
+
+  state, losses = jax.lax.scan(step, opt.init(params), None, length=num_steps)
+  return jnp.mean(losses), state
+
+
+@all_lopts
+def test_meta_gradients_are_finite_and_nonzero(name):
+  lopt, theta = _lopt_and_theta(name)
+  # Two perturbed copies of theta under vmap, as evolution strategies evaluate them.
+  thetas = jax.tree_util.tree_map(lambda x: jnp.stack([x, 1.05 * x + 0.01]), theta)
+  meta_grad = jax.grad(lambda t: _unrolled_loss(lopt, t), has_aux=True)
+  grads, final_state = jax.jit(jax.vmap(meta_grad))(thetas)
+  assert _all_finite(final_state)
+  assert _all_finite(grads)
+  for i in range(2):
+    norms = {jax.tree_util.keystr(path): float(jnp.linalg.norm(jnp.ravel(g[i])))
+             for path, g in jax.tree_util.tree_leaves_with_path(grads)}
+    # Every meta-parameter should influence the inner run from (near) theta-init.
+    assert all(n > 0 for n in norms.values()), norms
+
+
+@all_lopts
+def test_update_of_a_tensor_ignores_other_tensors(name):
+  # True for all designs here: per-tensor normalization and per-tensor controllers never mix
+  # tensors, and the global controller only sees the (given) loss.
+  lopt, theta = _lopt_and_theta(name)
+  opt = lopt.opt_fn(theta)
+  update = jax.jit(opt.update)
+  a, b = _mixed_tree(0)["matrix"], _mixed_tree(0)["conv"]
+  ga, gb = _mixed_tree(1)["matrix"], _mixed_tree(1)["conv"] * 100.
+  alone, both = opt.init({"a": a}), opt.init({"a": a, "b": b})
+  for _ in range(2):
+    alone = update(alone, {"a": ga}, loss=jnp.asarray(1.0))
+    both = update(both, {"a": ga, "b": gb}, loss=jnp.asarray(1.0))
+  np.testing.assert_allclose(opt.get_params(alone)["a"], opt.get_params(both)["a"],
+                             rtol=1e-5, atol=1e-7)
+
+
+@all_lopts
+def test_quadratic_at_theta_init_is_sane(name):
+  lopt, theta = _lopt_and_theta(name)
+  task = quadratics.QuadraticTask(dim=10)
+  opt = lopt.opt_fn(theta)
+  params = task.init(jax.random.PRNGKey(3))
+
+  def step(state, _):
+    loss, grads = jax.value_and_grad(task.loss)(opt.get_params(state), None, task.target)
+    return opt.update(state, grads, loss=loss), loss
+
+  state, losses = jax.jit(lambda s: jax.lax.scan(step, s, None, length=20))(opt.init(params))
+  final = float(task.loss(opt.get_params(state), None, task.target))
+  assert _all_finite(opt.get_params(state))
+  assert final < 1.1 * float(losses[0])
+  if name in DESCENDS_AT_INIT:
+    assert final < float(losses[0])
+  # Small steps: nothing moves by more than a few percent of the unit-scale params in 20 steps.
+  assert float(jnp.max(jnp.abs(opt.get_params(state) - params))) < 0.3
+
+
+def test_nn_adam_starts_as_adam():
+  lopt, theta = _lopt_and_theta("nn_adam")
+  opt = lopt.opt_fn(theta)
+  adam = optax.adam(lopt.learning_rate, b1=lopt.b1, b2=lopt.b2, eps=lopt.eps)
+  params = {"w": jnp.linspace(-1., 1., 6).reshape(2, 3), "b": jnp.asarray([0.5, -2., 1.])}
+  state, adam_state = opt.init(params), adam.init(params)
+  update, adam_update = jax.jit(opt.update), jax.jit(adam.update)
+  for i in range(3):
+    grads = {"w": _mixed_tree(i)["matrix"][:2], "b": _mixed_tree(i)["vector"][:3]}
+    old = opt.get_params(state)
+    state = update(state, grads)
+    expected, adam_state = adam_update(grads, adam_state)
+    for k in params:
+      np.testing.assert_allclose(opt.get_params(state)[k] - old[k], expected[k], rtol=0.05,
+                                 atol=1e-6)
+  np.testing.assert_allclose(state.b1_prod, 0.9 ** 3, rtol=0.01)
+
+
+def test_hparam_controller_starts_at_base_lr_and_needs_loss():
+  lopt, theta = _lopt_and_theta("hparam_controller")
+  opt = lopt.opt_fn(theta)
+  params = {"w": jnp.ones([3])}
+  grads = {"w": jnp.asarray([1., -2., 3.])}
+  state = opt.init(params)
+  with pytest.raises(ValueError, match="needs the training loss"):
+    opt.update(state, grads)
+  state = opt.update(state, grads, loss=jnp.asarray(4.0))
+  np.testing.assert_allclose(params["w"] - opt.get_params(state)["w"], lopt.base_lr * grads["w"],
+                             rtol=0.05)
+  # The initial LSTM state comes from theta.
+  theta["initial_carry"] = jax.tree_util.tree_map(lambda x: x + 0.5, theta["initial_carry"])
+  np.testing.assert_allclose(lopt.opt_fn(theta).init(params).lstm_carry[1], 0.5)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (3, 3, 2, 4)])
+def test_factored_estimate_is_exact_for_rank_one_squares(shape):
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  rows = jax.random.normal(k1, shape[:-1])
+  cols = jax.random.normal(k2, shape[:-2] + shape[-1:])
+  g = rows[..., :, None] * cols[..., None, :]  # g^2 is rank one in the last two axes
+  decays = jnp.asarray([0.9, 0.99])
+  acc = adafac_mlp_lopt.init_factored(shape, 2)
+  update = jax.jit(adafac_mlp_lopt.update_factored)
+  for _ in range(2):
+    acc, rsqrt_v = update(acc, g, decays)
+  assert set(acc) == {"row", "col"}
+  full = (1. - decays ** 2) * jnp.square(g).reshape(-1, 1)  # unfactored EMA after two steps
+  np.testing.assert_allclose(rsqrt_v, jax.lax.rsqrt(full), rtol=1e-4)
+  _, rsqrt_vector = adafac_mlp_lopt.update_factored(
+      adafac_mlp_lopt.init_factored((5,), 2), jnp.arange(1., 6.), decays)
+  np.testing.assert_allclose(rsqrt_vector,
+                             jax.lax.rsqrt((1. - decays) * jnp.arange(1., 6.)[:, None] ** 2),
+                             rtol=1e-5)
