@@ -7,9 +7,12 @@ Override any field with --config.some.field=value. Rerunning the same command re
 newest checkpoint in --workdir.
 """
 
+import os
 import sys
 
-from absl import app
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF (TensorBoard writer) start-up noise
+
+from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -28,6 +31,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Imported here so --help and flag errors stay fast (JAX and TF load in ~5 s).
   import jax  # pylint: disable=g-import-not-at-top
+  from lopt_tpu import distributed  # pylint: disable=g-import-not-at-top
+  distributed.maybe_initialize()  # before any other JAX call
   from lopt_tpu import config_checks  # pylint: disable=g-import-not-at-top
   from lopt_tpu import train  # pylint: disable=g-import-not-at-top
 

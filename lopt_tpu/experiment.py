@@ -2,12 +2,14 @@
 
 from typing import List, NamedTuple
 
+import jax
 import ml_collections
 import optax
 
 from lopt_tpu import registry
 from lopt_tpu.learned_optimizers import base as lopt_base
 from lopt_tpu.outer import gradient_learner
+from lopt_tpu.outer import sharding
 from lopt_tpu.outer import unroll as unroll_lib
 from lopt_tpu.outer.estimators import base as est_base
 
@@ -54,7 +56,9 @@ def build(config) -> Experiment:
   learned_opt = build_learned_optimizer(config)
   estimators = [build_estimator(config, build_task_family(fam.name, fam.kwargs), learned_opt)
                 for _, fam in sorted(config.task_families.items())]
+  # With several devices (of one or many hosts) the task axis is sharded over all of them.
+  mesh = sharding.task_mesh() if jax.device_count() > 1 else None
   learner = gradient_learner.SingleMachineGradientLearner(
       learned_opt, estimators, build_outer_optimizer(config),
-      meta_grad_clip=config.outer_optimizer.meta_grad_clip or None)
+      meta_grad_clip=config.outer_optimizer.meta_grad_clip or None, mesh=mesh)
   return Experiment(learned_opt, estimators, learner)

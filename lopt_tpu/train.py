@@ -6,6 +6,7 @@ outer state is checkpointed, so a run killed at any moment and restarted ends bi
 an uninterrupted one.
 """
 
+import hashlib
 import signal
 import time
 from typing import Any, Dict
@@ -18,6 +19,7 @@ import numpy as np
 
 from lopt_tpu import checkpointing
 from lopt_tpu import config_checks
+from lopt_tpu import distributed
 from lopt_tpu import eval_run
 from lopt_tpu import experiment
 
@@ -55,7 +57,7 @@ def _check_finite(step: int, scalars: Dict[str, float]):
 
 def init_state(exp: experiment.Experiment, seed: int):
   key = jax.random.fold_in(jax.random.key(seed), INIT_STREAM)
-  return jax.jit(exp.learner.init)(key)
+  return exp.learner.init(key)
 
 
 def train_and_evaluate(config, workdir: str) -> Any:
@@ -86,7 +88,18 @@ def train_and_evaluate(config, workdir: str) -> Any:
     signal.signal(signal.SIGTERM, previous_handler)
     ckpt.close()
     writer.flush()
+  logging.info("Final theta of process %d: sha256 %s", jax.process_index(),
+               theta_fingerprint(_theta(state)))
+  distributed.barrier("train_and_evaluate_done")
   return state
+
+
+def theta_fingerprint(theta) -> str:
+  """A hash of theta's exact bytes: equal fingerprints mean bitwise-equal meta-parameters."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(jax.device_get(theta)):
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()[:16]
 
 
 def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, ckpt, stop,

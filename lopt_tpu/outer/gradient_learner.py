@@ -5,6 +5,7 @@
 `SingleMachineGradientLearner` fuses both into one jitted outer step.
 """
 
+import functools
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from lopt_tpu.learned_optimizers import base as lopt_base
+from lopt_tpu.outer import sharding
 from lopt_tpu.outer.estimators import base as est_base
 
 
@@ -137,34 +139,72 @@ class SingleMachineGradientLearner:
   `update(state, key)` derives this step's randomness as `fold_in(key, state.step)`, so passing
   the same base key every step (as loops naturally do) still gives fresh random numbers, and a
   run resumed from a checkpoint replays exactly the keys it would have used.
+
+  With a `mesh` (see `sharding.task_mesh`), the task axis of every estimator's state is split
+  over the mesh's devices and the step runs under `jax.shard_map`: each device advances its
+  tasks, and gradients, losses and metrics are `pmean`-ed before the (replicated) outer update.
+  Task randomness depends on the global task index only, so the sharded step computes the same
+  thing as the unsharded one.
   """
 
   def __init__(self, learned_opt: lopt_base.LearnedOptimizer,
                estimators: Sequence[est_base.GradientEstimator],
-               theta_opt: optax.GradientTransformation, meta_grad_clip: Optional[float] = None):
+               theta_opt: optax.GradientTransformation, meta_grad_clip: Optional[float] = None,
+               mesh: Optional[jax.sharding.Mesh] = None):
     self.learner = GradientLearner(learned_opt, theta_opt, meta_grad_clip)
     self.estimators = tuple(estimators)
+    self.mesh = mesh
+    if mesh is not None:
+      for est in self.estimators:
+        sharding.check_divisible(est.unroll.num_tasks, mesh)
     self._update = jax.jit(self._update_impl, static_argnames="with_metrics", donate_argnums=0)
 
-  def init(self, key: jax.Array) -> SingleMachineState:
+  def _init_impl(self, key):
     k_theta, k_workers = jax.random.split(key)
     learner_state = self.learner.init(k_theta)
     states = [est.init_worker_state(learner_state.theta, jax.random.fold_in(k_workers, i))
               for i, est in enumerate(self.estimators)]
     return SingleMachineState(learner_state, states)
 
+  def init(self, key: jax.Array) -> SingleMachineState:
+    """Theta plus every estimator's inner runs; with a mesh, built already sharded."""
+    if self.mesh is None:
+      return jax.jit(self._init_impl)(key)
+    shapes = jax.eval_shape(self._init_impl, key)
+    shardings = SingleMachineState(
+        sharding.tree_of(shapes.gradient_learner_state, sharding.replicated(self.mesh)),
+        sharding.tree_of(shapes.gradient_estimator_states, sharding.split_tasks(self.mesh)))
+    return jax.jit(self._init_impl, out_shardings=shardings)(key)
+
   def update(self, state: SingleMachineState, key: jax.Array, with_metrics: bool = True):
     """One outer step. Returns (next_state, mean meta-loss, metrics). `state` is donated."""
     return self._update(state, key, with_metrics=with_metrics)
 
+  def _step(self, learner_state, estimator_states, key, with_metrics, reduce):
+    theta = learner_state.theta
+    if reduce is not None:
+      theta = sharding.varying(theta)
+    out = gradient_worker_compute(WorkerWeights(theta=theta, step=learner_state.step),
+                                  self.estimators, estimator_states, key,
+                                  with_metrics=with_metrics)
+    to_put = out.to_put if reduce is None else reduce(out.to_put)
+    learner_state, learner_metrics = self.learner.update(learner_state, [to_put])
+    metrics = dict(to_put.metrics)
+    if with_metrics:
+      metrics.update(learner_metrics)
+    return learner_state, out.unroll_states, to_put.mean_loss, metrics
+
   def _update_impl(self, state, key, with_metrics):
     learner_state = state.gradient_learner_state
     key = jax.random.fold_in(key, learner_state.step)
-    out = gradient_worker_compute(self.learner.get_state_for_worker(learner_state),
-                                  self.estimators, state.gradient_estimator_states, key,
-                                  with_metrics=with_metrics)
-    learner_state, learner_metrics = self.learner.update(learner_state, [out.to_put])
-    metrics = dict(out.metrics)
-    if with_metrics:
-      metrics.update(learner_metrics)
-    return SingleMachineState(learner_state, out.unroll_states), out.to_put.mean_loss, metrics
+    step = functools.partial(self._step, with_metrics=with_metrics)
+    if self.mesh is None:
+      outs = step(learner_state, state.gradient_estimator_states, key, reduce=None)
+    else:
+      spec_r, spec_t = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(sharding.TASKS)
+      outs = jax.shard_map(functools.partial(step, reduce=sharding.mean_over_devices),
+                           mesh=self.mesh, in_specs=(spec_r, spec_t, spec_r),
+                           out_specs=(spec_r, spec_t, spec_r, spec_r))(
+                               learner_state, state.gradient_estimator_states, key)
+    learner_state, estimator_states, loss, metrics = outs
+    return SingleMachineState(learner_state, estimator_states), loss, metrics

@@ -183,7 +183,22 @@ class TruncatedUnroll:
         out = out._replace(is_done=jnp.broadcast_to(done, out.is_done.shape))
       return states, out
 
+    # Under shard_map, parts of a fresh state (e.g. zero momenta) are device-invariant while
+    # the scan makes them per-device; the carry must have the per-task typing from the start.
+    states = _vary_like(states, task_index)
     return jax.lax.scan(body, states, jnp.arange(num_steps, dtype=jnp.int32))
+
+
+def _vary_like(tree, reference: jax.Array):
+  """Marks every leaf as varying over the mesh axes `reference` varies over (no-op outside
+  shard_map)."""
+  axes = jax.typeof(reference).manual_axis_type.varying
+
+  def one(x):
+    missing = tuple(sorted(axes - jax.typeof(x).manual_axis_type.varying))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree_util.tree_map(one, tree)
 
 
 def _per_task(done: jax.Array, leaf: jax.Array) -> jax.Array:

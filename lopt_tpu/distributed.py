@@ -1,0 +1,58 @@
+"""Multi-host start-up: `jax.distributed.initialize` with timeouts that end a broken job.
+
+Every host runs the same program. On a Cloud TPU pod slice JAX detects the cluster itself;
+elsewhere (e.g. several processes on one machine, see launch/local_multihost.sh) the
+coordinator is given by environment variables:
+  LOPT_COORDINATOR=host:port  LOPT_NUM_PROCESSES=N  LOPT_PROCESS_ID=i
+"""
+
+import os
+
+import jax
+
+# A dead peer is noticed by heartbeats within this many seconds, and the job aborts instead of
+# hanging (measured: 6.5-10 s with 10 s; see shared/notes/multihost_on_cpu.md).
+HEARTBEAT_TIMEOUT_S = 10
+INITIALIZATION_TIMEOUT_S = 120
+SHUTDOWN_TIMEOUT_S = 15
+
+
+def _on_tpu_pod() -> bool:
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return "," in hosts
+
+
+def maybe_initialize() -> bool:
+  """Initializes multi-host JAX when asked to (env) or on a TPU pod; returns whether it did.
+
+  Must run before any other JAX call.
+  """
+  coordinator = os.environ.get("LOPT_COORDINATOR")
+  if coordinator:
+    for name in ("LOPT_NUM_PROCESSES", "LOPT_PROCESS_ID"):
+      if name not in os.environ:
+        raise ValueError(f"LOPT_COORDINATOR is set but {name} is not; set both")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=int(os.environ["LOPT_NUM_PROCESSES"]),
+        process_id=int(os.environ["LOPT_PROCESS_ID"]),
+        cluster_detection_method="deactivate",
+        coordinator_bind_address=coordinator,
+        initialization_timeout=INITIALIZATION_TIMEOUT_S,
+        heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+        shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
+    return True
+  if _on_tpu_pod():
+    jax.distributed.initialize(initialization_timeout=INITIALIZATION_TIMEOUT_S,
+                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+                               shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
+    return True
+  return False
+
+
+def barrier(name: str):
+  """Waits for every process (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
