@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Ends every process holding the TPU on all workers: runs of main.py, anything with a TPU
+# device open, and the stale libtpu lock file. Safe when there is nothing to kill.
+#
+# usage: launch/kill.sh [--dry-run] [--help]
+#
+# env: TPU_NAME, ZONE required; PROJECT optional.
+# --dry-run prints the gcloud commands (`+ gcloud ...`, one a line) without running them.
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+parse_args "$@"
+((${#POSITIONAL[@]} == 0 && ${#PASSTHROUGH[@]} == 0)) || die "no arguments expected (see --help)"
+need_tpu
+
+tpu_ssh all "$(kill_command)"
