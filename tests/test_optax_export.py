@@ -76,9 +76,10 @@ def _normalized_gd_theta(lopt):
   """
   theta = jax.tree_util.tree_map(jnp.zeros_like, lopt.init(jax.random.key(0)))
   p = theta["params"]
-  p["Dense_0"]["kernel"] = p["Dense_0"]["kernel"].at[1, 0].set(1.).at[1, 1].set(-1.)
-  p["Dense_1"]["kernel"] = p["Dense_1"]["kernel"].at[0, 0].set(1.).at[1, 1].set(1.)
-  p["Dense_2"]["kernel"] = p["Dense_2"]["kernel"].at[0, 0].set(1.).at[1, 0].set(-1.)
+  # Kernels are [out, in] (MLPLOpt's network is feature-major).
+  p["kernel_0"] = p["kernel_0"].at[0, 1].set(1.).at[1, 1].set(-1.)
+  p["kernel_1"] = p["kernel_1"].at[0, 0].set(1.).at[1, 1].set(1.)
+  p["kernel_2"] = p["kernel_2"].at[0, 0].set(1.).at[0, 1].set(-1.)
   return theta
 
 

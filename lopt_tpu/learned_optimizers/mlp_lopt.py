@@ -17,7 +17,7 @@ class MLPLOptState:
   params: object
   model_state: object
   iteration: jax.Array
-  momenta: jax.Array  # [P, len(DECAYS)] over the flat params
+  momenta: jax.Array  # [len(DECAYS), P]: feature-major over the flat params
 
 
 class MLPLOpt(base.LearnedOptimizer):
@@ -25,7 +25,8 @@ class MLPLOpt(base.LearnedOptimizer):
 
   Features per parameter: the parameter, its gradient and its momenta at decays 0.1 … 0.9999,
   each divided by its root-mean-square over the tensor; plus tanh(t / s - 1) for 11 time
-  scales s, shared by all parameters. The MLP runs once over all parameters of the task.
+  scales s, shared by all parameters (they enter the first layer as a bias). The MLP runs
+  once over all parameters of the task, feature-major ([features, P]).
   """
 
   name = "mlp_lopt"
@@ -35,11 +36,12 @@ class MLPLOpt(base.LearnedOptimizer):
     self.step_mult = step_mult
     self.exp_mult = exp_mult
     self.decays = tuple(decays)
-    self.net = networks.MLP([hidden_size] * hidden_layers, 2)
-    self.num_features = 2 + len(self.decays) + len(feat.TIMESCALES)
+    self.net = networks.FeatureMajorMLP([hidden_size] * hidden_layers, 2)
+    self.num_param_features = 2 + len(self.decays)
 
   def init(self, key):
-    return self.net.init(key, jnp.zeros([1, self.num_features]))
+    return self.net.init(key, jnp.zeros([self.num_param_features, 1]),
+                         jnp.zeros([len(feat.TIMESCALES)]))
 
   def opt_fn(self, theta, is_training=False):
     return _MLPLOptOptimizer(self, theta)
@@ -55,20 +57,19 @@ class _MLPLOptOptimizer(opt_base.Optimizer):
     size = feat.flatten(params).shape[0]
     return MLPLOptState(params=params, model_state=model_state,
                         iteration=jnp.asarray(0, jnp.int32),
-                        momenta=jnp.zeros([size, len(self.lopt.decays)], jnp.float32))
+                        momenta=jnp.zeros([len(self.lopt.decays), size], jnp.float32))
 
   def update(self, opt_state, grads, loss=None, model_state=None, key=None):
     lopt = self.lopt
     layout = feat.layout_of(opt_state.params)
     p = feat.flatten(opt_state.params)
     g = feat.flatten(grads)
-    momenta = feat.ema(opt_state.momenta, g, jnp.asarray(lopt.decays, jnp.float32))
-    per_param = jnp.concatenate([p[:, None], g[:, None], momenta], axis=1)
-    per_param = feat.second_moment_normalize(per_param, layout)
-    time = feat.tanh_time_embedding(opt_state.iteration)
-    time = jnp.broadcast_to(time, (p.shape[0], time.shape[0]))
-    out = lopt.net.apply(self.theta, jnp.concatenate([per_param, time], axis=1))
-    step = networks.direction_magnitude_step(out, lopt.step_mult, lopt.exp_mult)
+    decays = jnp.asarray(lopt.decays, jnp.float32)[:, None]
+    momenta = decays * opt_state.momenta + (1.0 - decays) * g[None, :]
+    per_param = jnp.concatenate([p[None, :], g[None, :], momenta], axis=0)
+    per_param = feat.second_moment_normalize(per_param, layout, axis=-1)
+    out = lopt.net.apply(self.theta, per_param, feat.tanh_time_embedding(opt_state.iteration))
+    step = out[0] * jnp.exp(out[1] * lopt.exp_mult) * lopt.step_mult
     return MLPLOptState(
         params=feat.unflatten(layout, p - step),
         model_state=opt_state.model_state if model_state is None else model_state,
