@@ -26,9 +26,17 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries:
+  """Drops INFO records from chatty libraries (orbax logs every save step by step)."""
+
+  def filter(self, record):
+    return record.levelno > logging.INFO or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so --help and flag errors stay fast (JAX and TF load in ~5 s).
   import jax  # pylint: disable=g-import-not-at-top
   from lopt_tpu import distributed  # pylint: disable=g-import-not-at-top

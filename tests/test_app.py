@@ -69,6 +69,14 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_report(tmp_path):
   assert report and os.path.getsize(report[0]) > 10_000
   table = open(glob.glob(f"{workdir}/eval/step_*.md")[0]).read()
   assert "learned" in table and "adam@0.1" in table
+  # The evaluation mode re-evaluates the newest checkpoint and rewrites its report.
+  for path in glob.glob(f"{workdir}/eval/*"):
+    os.remove(path)
+  result = subprocess.run(_main(workdir, "--mode=eval"), env=_env(), capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert os.path.getsize(f"{workdir}/eval/step_000006.png") > 10_000
+  assert "adam@0.1" in open(f"{workdir}/eval/step_000006.md").read()
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
