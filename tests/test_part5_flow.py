@@ -33,7 +33,7 @@ def test_single_machine_gradient_learner_flow():
   assert len(set(losses)) == len(losses)  # the key really is derived per step
   assert int(state.gradient_learner_state.step) == 5
   assert any(k.startswith("truncated_pes/quadratic_family/") for k in metrics)
-  assert any(k.startswith("truncated_pes/digits_mlp/") for k in metrics)
+  assert any(k.startswith("truncated_pes/digits8_mlp_32_relu/") for k in metrics)
 
 
 def test_worker_and_central_learner_flow():

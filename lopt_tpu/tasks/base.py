@@ -59,7 +59,7 @@ class SingleTaskFamily(TaskFamily):
 
   def __init__(self, task: Task, name: Optional[str] = None):
     self.task = task
-    self.name = name or type(task).__name__
+    self.name = name or getattr(task, "name", type(task).__name__)
 
   def sample(self, key: jax.Array) -> TaskParams:
     del key

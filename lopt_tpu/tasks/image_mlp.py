@@ -16,6 +16,7 @@ import optax
 
 from lopt_tpu.tasks import base
 from lopt_tpu.tasks import datasets
+from lopt_tpu.tasks import initializers
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -87,12 +88,13 @@ class ImageMLPTask(base.Task):
     self.batch_size = int(batch_size)
     self.init_scale = init_scale
     self.module = MLP(self.hidden_sizes, self.dataset.num_classes, activation)
+    self._shapes = initializers.param_shapes(
+        self.module, jnp.zeros((1,) + self.dataset.image_shape, jnp.float32))
     widths = "x".join(str(s) for s in self.hidden_sizes) or "linear"
     self.name = f"{self.dataset.name}_mlp_{widths}_{activation}"
 
   def init(self, key):
-    dummy = jnp.zeros((1,) + self.dataset.image_shape, jnp.float32)
-    return _scale_kernels(self.module.init(key, dummy)["params"], self.init_scale)
+    return _scale_kernels(initializers.lecun_normal(self._shapes, key), self.init_scale)
 
   def logits(self, params, images):
     return self.module.apply({"params": params}, images)
@@ -202,6 +204,9 @@ class ImageMLPFamily(base.TaskFamily):
     self.batch_size = int(batch_size)
     self.module = MaskedMLP(self.max_width, self.max_depth, self.dataset.num_classes,
                             self.activations)
+    self.param_shapes = initializers.param_shapes(
+        self.module, jnp.zeros((1,) + self.dataset.image_shape, jnp.float32), self.max_width,
+        self.max_depth, 0)
 
   def sample(self, key) -> Dict[str, jax.Array]:
     k_width, k_depth, k_act, k_scale = jax.random.split(key, 4)
@@ -241,8 +246,7 @@ class MaskedImageMLPTask(base.Task):
 
   def init(self, key):
     fam, tp = self.family, self.task_params
-    dummy = jnp.zeros((1,) + fam.dataset.image_shape, jnp.float32)
-    params = fam.module.init(key, dummy, fam.max_width, fam.max_depth, 0)["params"]
+    params = initializers.lecun_normal(fam.param_shapes, key)
     # LeCun init divided by sqrt(max_width); the sampled net's fan-in is `width`.
     fan_in_fix = jnp.sqrt(fam.max_width / jnp.asarray(tp["width"], jnp.float32))
     params = {k: _scale_kernels(v, fan_in_fix) if k != "hidden_0" else v

@@ -9,6 +9,7 @@ from typing import Any, Dict
 
 import flax
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 
 from lopt_tpu.outer import unroll as unroll_lib
@@ -52,15 +53,17 @@ def default_task_index(unroll: unroll_lib.TruncatedUnroll, task_index=None) -> j
 
 
 def sample_perturbations(theta, key: jax.Array, task_index: jax.Array, std: float):
-  """One Gaussian perturbation of `theta` per task: a tree with a leading [T] axis."""
-  leaves, treedef = jax.tree_util.tree_flatten(theta)
+  """One Gaussian perturbation of `theta` per task: a tree with a leading [T] axis.
+
+  One normal draw of theta's total size per task, cut into leaves: a single PRNG call per
+  task instead of one per leaf, which on CPU is several seconds less to compile.
+  """
+  flat, unravel = jax.flatten_util.ravel_pytree(theta)
 
   def one(i):
-    keys = jax.random.split(jax.random.fold_in(key, i), len(leaves))
-    return [std * jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
-            for k, x in zip(keys, leaves)]
+    return unravel(std * jax.random.normal(jax.random.fold_in(key, i), flat.shape, flat.dtype))
 
-  return jax.tree_util.tree_unflatten(treedef, jax.vmap(one)(task_index))
+  return jax.vmap(one)(task_index)
 
 
 def antithetic_thetas(theta, eps):
