@@ -147,21 +147,29 @@ def _flat(d: dict, prefix: str = "") -> Dict[str, Any]:
   return out
 
 
-def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
-  """The evaluation mode: evaluates the theta of the newest checkpoint in `workdir`."""
-  config_checks.validate(config, workdir)
+def load_checkpoint(config, workdir: str):
+  """(outer state, step) of the newest checkpoint in `workdir`; step 0 if there is none.
+
+  The trained theta is `state.gradient_learner_state.theta`, usable with `lopt_tpu.as_optax`.
+  """
   exp = experiment.build(config)
   ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.keep_checkpoints)
   try:
-    state, step = ckpt.restore_latest(init_state(exp, config.seed))
+    return ckpt.restore_latest(init_state(exp, config.seed))
   finally:
     ckpt.close()
+
+
+def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
+  """The evaluation mode: evaluates the theta of the newest checkpoint in `workdir`."""
+  config_checks.validate(config, workdir)
+  state, step = load_checkpoint(config, workdir)
   if not step:
     raise config_checks.ConfigError(f"--workdir={workdir!r} holds no checkpoint to evaluate; "
                                     "train first (--mode=train)")
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=jax.process_index() != 0)
-  result = eval_run.evaluate_theta(config, exp.learned_opt, _theta(state), workdir, writer, step)
+  learned_opt = experiment.build_learned_optimizer(config)
+  result = eval_run.evaluate_theta(config, learned_opt, _theta(state), workdir, writer, step)
   writer.flush()
   return result
-

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from lopt_tpu import checkpointing
-from lopt_tpu import experiment
 from lopt_tpu import train
 
 pytestmark = pytest.mark.slow
@@ -34,12 +32,7 @@ def _main(workdir, *overrides, config="configs/test.py"):
 
 
 def _final_theta(workdir, config):
-  exp = experiment.build(config)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    state, step = ckpt.restore_latest(train.init_state(exp, config.seed))
-  finally:
-    ckpt.close()
+  state, step = train.load_checkpoint(config, workdir)
   return step, state.gradient_learner_state.theta
 
 

@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from lopt_tpu import checkpointing
-from lopt_tpu import experiment
 from lopt_tpu import train
 
 pytestmark = pytest.mark.slow
@@ -76,13 +74,7 @@ def _fingerprints(log_dir):
 
 
 def _restored_theta(workdir):
-  config = test_config.get_config()
-  exp = experiment.build(config)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    state, step = ckpt.restore_latest(train.init_state(exp, config.seed))
-  finally:
-    ckpt.close()
+  state, step = train.load_checkpoint(test_config.get_config(), workdir)
   return step, state.gradient_learner_state.theta
 
 
