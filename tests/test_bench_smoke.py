@@ -1,0 +1,63 @@
+"""Smoke test of bench/bench.py: the smallest workload end to end in a subprocess.
+
+Not a benchmark (figures from 3 steps mean nothing); it checks that every figure the JSON
+promises is there and is a finite positive number, and that the Markdown table is printed.
+10-25 s on the 2-core CPU machine, depending on its load (most of it compiling).
+"""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+POSITIVE = ("setup_s", "init_s", "first_step_s", "inner_steps_per_call", "inner_steps_per_s",
+            "peak_rss_gib", "peak_rss_gib_incl_baselines", "xla_raw_flops", "flops_per_step",
+            "achieved_gflops", "matmul_gflops", "pct_of_matmul", "adam_first_step_s",
+            "adam_inner_steps_per_call", "pes_over_adam", "cores_busy", "subprocess_wall_s")
+SPREADS = ("step_s", "adam_step_s", "matmul_s")
+
+
+def _positive(value, what):
+  assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (what, value)
+
+
+def test_bench_quadratic_smoke(tmp_path):
+  out = tmp_path / "results.json"
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "bench" / "bench.py"), "--workloads", "quadratic",
+       "--steps", "3", "--warmup", "1", "--out", str(out)],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "| quadratic | 1 |" in proc.stdout
+
+  data = json.loads(out.read_text())
+  machine = data["machine"]
+  assert machine["cores"] >= 1 and machine["cpu_model"] and machine["date"]
+  assert machine["versions"]["jax"] and machine["versions"]["jaxlib"]
+  (r,) = data["results"]
+  assert "error" not in r, r
+  assert (r["workload"], r["devices"], r["steps"], r["warmup"]) == ("quadratic", 1, 3, 1)
+  assert r["num_tasks"] == {"quadratic_family": 4}
+  assert r["inner_steps_per_call"] == r["adam_inner_steps_per_call"] == 2 * 50 * 4
+  assert r["recompiles_while_timing"] == 0
+  for name in POSITIVE:
+    _positive(r[name], name)
+  for name in SPREADS:
+    s = r[name]
+    for k in ("min", "p10", "median", "p90", "max"):
+      _positive(s[k], f"{name}.{k}")
+    assert s["min"] <= s["p10"] <= s["median"] <= s["p90"] <= s["max"], (name, s)
+  assert r["step_s"]["n"] == 3
+  # The trip-count correction adds the 49 missing inner steps to XLA's raw count.
+  assert r["flops_per_step"] > r["xla_raw_flops"]
+  _positive(r["inner_step_flops"][0], "inner_step_flops")
+  assert math.isfinite(r["final_meta_loss"])
+  for name in ("loadavg_before", "loadavg_after"):
+    assert len(r[name]) == 3 and all(math.isfinite(x) and x >= 0 for x in r[name])
