@@ -7,6 +7,7 @@ Override any field with --config.some.field=value. Rerunning the same command re
 newest checkpoint in --workdir.
 """
 
+import math
 import os
 import sys
 
@@ -33,10 +34,31 @@ class _QuietLibraries:
     return record.levelno > logging.INFO or "/orbax/" not in record.pathname
 
 
+def _one_cpu_device_per_core(config):
+  """Gives XLA's CPU backend several devices, so the sharded step keeps every core busy.
+
+  One XLA:CPU device runs a meta-training step on about one core; with N devices the task
+  axis is sharded over N threads. N = config.cpu_devices, or by default the largest count
+  that divides num_tasks and does not exceed the cores. Only the host platform is affected
+  (on TPU/GPU the accelerators are still the devices), and an explicit
+  --xla_force_host_platform_device_count in XLA_FLAGS wins. Must run before JAX starts.
+  """
+  flags_now = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" in flags_now:
+    return
+  count = config.cpu_devices or math.gcd(max(int(config.estimator.num_tasks), 1),
+                                         os.cpu_count() or 1)
+  if count > 1:
+    os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={count}"
+    # XLA:CPU's thread pool can deadlock with fewer than 2 threads per device.
+    os.environ.setdefault("PJRT_NPROC", str(2 * count))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  _one_cpu_device_per_core(_CONFIG.value)
   # Imported here so --help and flag errors stay fast (JAX and TF load in ~5 s).
   import jax  # pylint: disable=g-import-not-at-top
   from lopt_tpu import distributed  # pylint: disable=g-import-not-at-top

@@ -11,6 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # every random number of the run derives from (seed, outer step)
   config.num_outer_steps = 500  # meta-training (outer) steps
+  config.cpu_devices = 0  # XLA CPU devices to shard tasks over (0: gcd(num_tasks, cores))
 
   # The learned optimizer being meta-trained.
   config.learned_optimizer = ml_collections.ConfigDict()

@@ -77,6 +77,8 @@ def check_sizes(config, device_count: int):
           f"must be divisible by the device count ({device_count})")
   if not config.outer_optimizer.learning_rate > 0:
     _fail("outer_optimizer.learning_rate", config.outer_optimizer.learning_rate, "must be > 0")
+  if config.cpu_devices < 0:
+    _fail("cpu_devices", config.cpu_devices, "must be >= 0 (0: one per core, dividing num_tasks)")
   if config.eval.every < 0:
     _fail("eval.every", config.eval.every, "must be >= 0 (0: only at the end)")
   if not config.eval.adam_learning_rates or min(config.eval.adam_learning_rates) <= 0:
