@@ -1,6 +1,9 @@
 """A tiny config that runs in seconds; drives the end-to-end tests.
 
   python main.py --config=configs/test.py --workdir=/tmp/lopt_test
+
+Measured (2-core CPU, loaded): about 20 s for the whole command, most of it start-up and
+compilation; 6 outer steps, checkpoints at 2, 4, 6, and a 20-step evaluation.
 """
 
 from configs import default
