@@ -5,7 +5,7 @@ The public API, re-exported explicitly:
                   FixedDimQuadraticFamily, ImageMLPTask, ImageMLPFamily, digits_mlp, fmnist8_mlp
   optimizers      Optimizer, OptaxOptimizer, SGD, Momentum, Adam
   learned opts    LearnedOptimizer, MetaSGDWD, PerParamMLP, MLPLOpt, HParamController, NNAdam,
-                  AdafacMLPLOpt, RNNMLPLOpt
+                  AdafacMLPLOpt, RNNMLPLOpt, HypergradAdam
   meta-training   ConstantTruncationSchedule, LogUniformLengthSchedule, TruncatedUnroll,
                   FullGrad, FullES, TruncatedGrad, TruncatedES, TruncatedPES,
                   GradientLearner, gradient_worker_compute, SingleMachineGradientLearner
@@ -15,6 +15,7 @@ The public API, re-exported explicitly:
 from lopt_tpu.learned_optimizers.adafac_mlp_lopt import AdafacMLPLOpt
 from lopt_tpu.learned_optimizers.base import LearnedOptimizer
 from lopt_tpu.learned_optimizers.hparam_controller import HParamController
+from lopt_tpu.learned_optimizers.hypergrad_adam import HypergradAdam
 from lopt_tpu.learned_optimizers.meta_sgd import MetaSGDWD
 from lopt_tpu.learned_optimizers.mlp_lopt import MLPLOpt
 from lopt_tpu.learned_optimizers.nn_adam import NNAdam
@@ -35,10 +36,10 @@ from lopt_tpu.tasks.quadratics import FixedDimQuadraticFamily, QuadraticTask
 
 __all__ = [
     "AdafacMLPLOpt", "Adam", "ConstantTruncationSchedule", "FixedDimQuadraticFamily", "FullES",
-    "FullGrad", "GradientLearner", "HParamController", "ImageMLPFamily", "ImageMLPTask",
-    "LearnedOptimizer", "LogUniformLengthSchedule", "MLPLOpt", "MetaSGDWD", "Momentum",
-    "NNAdam", "OptaxOptimizer", "Optimizer", "PerParamMLP", "QuadraticTask", "RNNMLPLOpt",
-    "SGD", "SingleMachineGradientLearner", "Task", "TaskFamily", "TruncatedES", "TruncatedGrad",
-    "TruncatedPES", "TruncatedUnroll", "as_optax", "digits_mlp", "fmnist8_mlp",
+    "FullGrad", "GradientLearner", "HParamController", "HypergradAdam", "ImageMLPFamily",
+    "ImageMLPTask", "LearnedOptimizer", "LogUniformLengthSchedule", "MLPLOpt", "MetaSGDWD",
+    "Momentum", "NNAdam", "OptaxOptimizer", "Optimizer", "PerParamMLP", "QuadraticTask",
+    "RNNMLPLOpt", "SGD", "SingleMachineGradientLearner", "Task", "TaskFamily", "TruncatedES",
+    "TruncatedGrad", "TruncatedPES", "TruncatedUnroll", "as_optax", "digits_mlp", "fmnist8_mlp",
     "gradient_worker_compute", "single_task_to_family",
 ]

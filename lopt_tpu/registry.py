@@ -7,6 +7,7 @@ from typing import Callable, Dict
 
 from lopt_tpu.learned_optimizers import adafac_mlp_lopt
 from lopt_tpu.learned_optimizers import hparam_controller
+from lopt_tpu.learned_optimizers import hypergrad_adam
 from lopt_tpu.learned_optimizers import meta_sgd
 from lopt_tpu.learned_optimizers import mlp_lopt
 from lopt_tpu.learned_optimizers import nn_adam
@@ -48,6 +49,7 @@ LEARNED_OPTIMIZERS: Dict[str, Callable] = {
     "per_param_mlp": per_param_mlp.PerParamMLP,
     "mlp_lopt": mlp_lopt.MLPLOpt,
     "hparam_controller": hparam_controller.HParamController,
+    "hypergrad_adam": hypergrad_adam.HypergradAdam,
     "nn_adam": nn_adam.NNAdam,
     "adafac_mlp_lopt": adafac_mlp_lopt.AdafacMLPLOpt,
     "rnn_mlp_lopt": rnn_mlp_lopt.RNNMLPLOpt,

@@ -1,0 +1,180 @@
+"""HypergradAdam: Adam whose per-tensor learning rates adapt online, plus learned control.
+
+Two parts, the first hand-designed and the second learned:
+
+1. A hypergradient rule (Baydin et al., 2018, in log space and normalized): each tensor k keeps
+   a log learning-rate multiplier s_k that grows while successive steps agree and shrinks while
+   they oscillate,
+
+     s_k <- clip(s_k + hyper_lr * cos(g_k, u_k) + drift_scale * o_drift, s_min, s_max),
+
+   where g_k is the new gradient and u_k the previous Adam direction m / sqrt(v) of that tensor.
+   cos < 0 means the last step overshot (the loss would have gone down with a smaller rate).
+   This lets one base rate suit tasks whose tuned Adam rates differ. The rule is greedy (it
+   sees one step ahead), so it tends to shrink the rate too early; s_min is its floor.
+2. A small MLP, shared by all tensors, reads per-tensor features every step and outputs
+   o_drift (above), an instantaneous log-lr correction o_lr and shifts of beta1 / beta2:
+
+     lr_k = lr0 * exp(s_k + o_lr),
+     b1_k = sigmoid(logit(b1) + o_b1),  b2_k = sigmoid(logit(b2) + o_b2).
+
+   Features: the tanh time embedding (so it can express warm-up and decay schedules), rank
+   flags, the cosine above, the log ratio of the gradient's mean square to its running average
+   (positive on a gradient spike) and s_k itself.
+
+The MLP's read-out starts at zero, so at theta-init HypergradAdam *is* the hand-designed rule;
+everything it learns is a correction. Because betas change over time, bias correction divides
+by `1 - prod(betas so far)` per tensor (the exact total weight of the moving average), as in
+`nn_adam`. No recurrent network: the update costs one tiny [T, F] MLP on top of Adam.
+"""
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lopt_tpu.learned_optimizers import base
+from lopt_tpu.learned_optimizers import features as feat
+from lopt_tpu.learned_optimizers import recurrent
+from lopt_tpu.optimizers import base as opt_base
+
+NUM_TENSOR_FEATURES = 6  # 3 rank flags, cosine, gradient spike, log-lr state
+NUM_CONTROLS = 4  # drift of the log-lr state, instantaneous log-lr, beta1 and beta2 shifts
+
+
+@flax.struct.dataclass
+class HypergradAdamState:
+  params: object
+  model_state: object
+  iteration: jax.Array
+  m: jax.Array  # [P] float32 first moment over the flat params
+  v: jax.Array  # [P] float32 second moment
+  b1_prod: jax.Array  # [T] float32 product of the beta1s used so far (bias correction)
+  b2_prod: jax.Array  # [T] float32 product of the beta2s used so far
+  log_lr: jax.Array  # [T] float32 the hypergradient state s
+
+
+class ControlNet(nn.Module):
+  """[T, F] features -> [T, NUM_CONTROLS]; the read-out starts at exactly zero."""
+  hidden_sizes: tuple
+
+  @nn.compact
+  def __call__(self, x):
+    for h in self.hidden_sizes:
+      x = nn.relu(nn.Dense(h)(x))
+    return nn.Dense(NUM_CONTROLS, kernel_init=nn.initializers.zeros, name="readout")(x)
+
+
+def _logit(x: float) -> float:
+  return float(np.log(x) - np.log1p(-x))
+
+
+def rank_flags(layout: feat.FlatLayout) -> np.ndarray:
+  """[T, 3]: +-1 flags for scalar, vector and matrix (rank >= 2) tensors."""
+  rank = np.asarray([len(s) for s in layout.shapes])
+  flag = lambda b: np.where(b, 1., -1.)
+  return np.stack([flag(rank == 0), flag(rank == 1), flag(rank >= 2)], 1).astype(np.float32)
+
+
+class HypergradAdam(base.LearnedOptimizer):
+  """Adam + per-tensor hypergradient learning rates + a learned controller (see module doc).
+
+  Args:
+    learning_rate: lr0, the rate at s = 0.
+    b1, b2, eps: base Adam hyper-parameters.
+    hyper_lr: step of the hypergradient rule on the log rate (0: no adaptation).
+    log_lr_min, log_lr_max: bounds of the log multiplier s.
+    drift_scale: scale of the learned drift of s (it accumulates over steps, so small).
+    control_bound: every learned output is soft-clipped to +-this: the controller corrects
+      the rule within bounds (lr within e^+-bound of the rule's, betas within a logit shift of
+      bound), so it cannot drive the inner run far from the hand-designed rule.
+    hidden_sizes: the control MLP's hidden widths.
+  """
+
+  name = "hypergrad_adam"
+
+  def __init__(self, learning_rate: float = 1e-2, b1: float = 0.9, b2: float = 0.999,
+               eps: float = 1e-8, hyper_lr: float = 0.5, log_lr_min: float = -0.5,
+               log_lr_max: float = 1.5,
+               drift_scale: float = 0.01, control_bound: float = 1., hidden_sizes=(32,)):
+    self.learning_rate = learning_rate
+    self.b1 = b1
+    self.b2 = b2
+    self.eps = eps
+    self.hyper_lr = float(hyper_lr)
+    self.log_lr_min = float(log_lr_min)
+    self.log_lr_max = float(log_lr_max)
+    self.drift_scale = float(drift_scale)
+    self.control_bound = float(control_bound)
+    self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
+    self.net = ControlNet(self.hidden_sizes)
+    self.num_features = NUM_TENSOR_FEATURES + len(feat.TIMESCALES)
+
+  def init(self, key):
+    return self.net.init(key, jnp.zeros([1, self.num_features]))
+
+  def opt_fn(self, theta, is_training=False):
+    return _HypergradAdamOptimizer(self, theta)
+
+  def signals(self, g, m, v, b2_prod, layout):
+    """Per tensor, [T] each: cos(g, previous Adam direction m / sqrt(v)) and the clipped
+    log(mean g^2 / mean bias-corrected v). Both are 0 at the first step (no history yet)."""
+    mean = lambda x: feat.segment_mean(x, layout)
+    u = m * jax.lax.rsqrt(v + 1e-30)
+    # The offset keeps rsqrt's derivative finite (a zero direction at step 0 gives 0 * inf).
+    cosine = mean(g * u) * jax.lax.rsqrt(mean(jnp.square(g)) * mean(jnp.square(u)) + 1e-30)
+    has_history = b2_prod < 1.
+    v_hat = mean(v) / jnp.where(has_history, 1. - b2_prod, 1.)
+    spike = jnp.clip(jnp.log((mean(jnp.square(g)) + 1e-30) / (v_hat + 1e-30)), -5., 5.)
+    return cosine, jnp.where(has_history, spike, 0.)
+
+  def step_hparams(self, theta, iteration, layout, cosine, spike, log_lr):
+    """Next log-lr state and this step's per-tensor (lr, b1, b2), each [T]."""
+    time = feat.tanh_time_embedding(iteration)
+    inputs = jnp.concatenate([
+        jnp.asarray(rank_flags(layout)),
+        jnp.broadcast_to(time, (layout.num_tensors, time.shape[0])),
+        jnp.stack([cosine, 0.5 * spike, log_lr], axis=1)], axis=1)
+    out = recurrent.soft_clip(self.net.apply(theta, inputs), self.control_bound)
+    log_lr = jnp.clip(log_lr + self.hyper_lr * cosine + self.drift_scale * out[:, 0],
+                      self.log_lr_min, self.log_lr_max)
+    lr = self.learning_rate * jnp.exp(log_lr + out[:, 1])
+    b1 = jax.nn.sigmoid(_logit(self.b1) + out[:, 2])
+    b2 = jax.nn.sigmoid(_logit(self.b2) + out[:, 3])
+    return log_lr, lr, b1, b2
+
+
+class _HypergradAdamOptimizer(opt_base.Optimizer):
+
+  def __init__(self, lopt: HypergradAdam, theta):
+    self.lopt = lopt
+    self.theta = theta
+
+  def init(self, params, model_state=None, num_steps=None, key=None):
+    layout = feat.layout_of(params)
+    size, num = sum(layout.sizes), layout.num_tensors
+    return HypergradAdamState(
+        params=params, model_state=model_state, iteration=jnp.asarray(0, jnp.int32),
+        m=jnp.zeros([size], jnp.float32), v=jnp.zeros([size], jnp.float32),
+        b1_prod=jnp.ones([num], jnp.float32), b2_prod=jnp.ones([num], jnp.float32),
+        log_lr=jnp.zeros([num], jnp.float32))
+
+  def update(self, opt_state, grads, loss=None, model_state=None, key=None):
+    lopt, s = self.lopt, opt_state
+    layout = feat.layout_of(s.params)
+    p, g = feat.flatten(s.params), feat.flatten(grads)
+    cosine, spike = lopt.signals(g, s.m, s.v, s.b2_prod, layout)
+    log_lr, lr, b1, b2 = lopt.step_hparams(self.theta, s.iteration, layout, cosine, spike,
+                                           s.log_lr)
+
+    b1_prod, b2_prod = s.b1_prod * b1, s.b2_prod * b2
+    per_param = lambda x: feat.broadcast_segments(x, layout)
+    m = per_param(b1) * s.m + (1. - per_param(b1)) * g
+    v = per_param(b2) * s.v + (1. - per_param(b2)) * jnp.square(g)
+    v_hat = v / per_param(1. - b2_prod)
+    step = per_param(lr / (1. - b1_prod)) * m / (jnp.sqrt(v_hat + 1e-30) + lopt.eps)
+    return HypergradAdamState(
+        params=feat.unflatten(layout, p - step),
+        model_state=s.model_state if model_state is None else model_state,
+        iteration=s.iteration + 1, m=m, v=v, b1_prod=b1_prod, b2_prod=b2_prod, log_lr=log_lr)

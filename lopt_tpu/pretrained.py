@@ -1,0 +1,90 @@
+"""Meta-trained learned optimizers that ship with the package: use them without meta-training.
+
+Each one is two files in `lopt_tpu/pretrained/`: `<name>.msgpack` (theta, written by
+`flax.serialization.to_bytes`) and `<name>.json` (the sidecar: the architecture's registry
+name and constructor arguments, the config, seed and git commit of the run that trained it,
+and the figures measured with it against tuned Adam).
+
+  from lopt_tpu import pretrained
+  import lopt_tpu
+  learned_opt, theta = pretrained.load("digits_mlp_v1")
+  tx = lopt_tpu.as_optax(learned_opt, theta)   # an optax.GradientTransformation
+"""
+
+import json
+import os
+from typing import Any, Dict, List, Tuple
+
+import flax
+import jax
+
+from lopt_tpu import registry
+from lopt_tpu.learned_optimizers import base as lopt_base
+
+DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+
+
+class UnknownPretrainedError(KeyError):
+  """No pretrained optimizer of that name ships with the package."""
+
+
+def list() -> List[str]:  # pylint: disable=redefined-builtin
+  """Names of the shipped learned optimizers (those with both a .msgpack and a .json)."""
+  if not os.path.isdir(DIRECTORY):
+    return []
+  files = set(os.listdir(DIRECTORY))
+  return sorted(f[:-len(".json")] for f in files
+                if f.endswith(".json") and f[:-len(".json")] + ".msgpack" in files)
+
+
+def _path(name: str, ext: str, directory: str) -> str:
+  return os.path.join(directory, f"{name}.{ext}")
+
+
+def metadata(name: str, directory: str = DIRECTORY) -> Dict[str, Any]:
+  """The sidecar of `name`: architecture, training config and provenance, measured figures."""
+  path = _path(name, "json", directory)
+  if not os.path.exists(path) or not os.path.exists(_path(name, "msgpack", directory)):
+    raise UnknownPretrainedError(
+        f"no pretrained learned optimizer {name!r}; shipped: {', '.join(list()) or 'none'}")
+  with open(path) as f:
+    return json.load(f)
+
+
+def build(meta: Dict[str, Any]) -> lopt_base.LearnedOptimizer:
+  """The learned optimizer a sidecar describes (registry name + constructor arguments)."""
+  spec = meta["learned_optimizer"]
+  return registry.get("learned optimizer", spec["name"])(**spec["kwargs"])
+
+
+def load(name: str, directory: str = DIRECTORY) -> Tuple[lopt_base.LearnedOptimizer, Any]:
+  """(learned_opt, theta) of a shipped learned optimizer, ready for `opt_fn` or `as_optax`.
+
+  Args:
+    name: one of `list()`, e.g. "digits_mlp_v1".
+    directory: where to look (default: the package's own `pretrained/`).
+
+  Returns:
+    The learned optimizer, rebuilt from the sidecar, and its trained theta.
+  """
+  learned_opt = build(metadata(name, directory))
+  # The architecture's own init gives the tree structure, shapes and dtypes to restore into.
+  template = learned_opt.init(jax.random.key(0))
+  with open(_path(name, "msgpack", directory), "rb") as f:
+    theta = flax.serialization.from_bytes(template, f.read())
+  return learned_opt, theta
+
+
+def save(name: str, theta: Any, meta: Dict[str, Any], directory: str = DIRECTORY) -> Dict[str, str]:
+  """Writes `<name>.msgpack` and `<name>.json`; `meta` must hold `learned_optimizer`
+  ({"name": registry name, "kwargs": {...}}). Returns the two paths."""
+  if "learned_optimizer" not in meta:
+    raise ValueError("meta needs 'learned_optimizer': {'name': ..., 'kwargs': {...}}")
+  os.makedirs(directory, exist_ok=True)
+  paths = {"msgpack": _path(name, "msgpack", directory), "json": _path(name, "json", directory)}
+  with open(paths["msgpack"], "wb") as f:
+    f.write(flax.serialization.to_bytes(jax.device_get(theta)))
+  with open(paths["json"], "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=False)
+    f.write("\n")
+  return paths
