@@ -121,12 +121,14 @@ class HypergradAdam(base.LearnedOptimizer):
     """Per tensor, [T] each: cos(g, previous Adam direction m / sqrt(v)) and the clipped
     log(mean g^2 / mean bias-corrected v). Both are 0 at the first step (no history yet)."""
     mean = lambda x: feat.segment_mean(x, layout)
-    u = m * jax.lax.rsqrt(v + 1e-30)
-    # The offset keeps rsqrt's derivative finite (a zero direction at step 0 gives 0 * inf).
-    cosine = mean(g * u) * jax.lax.rsqrt(mean(jnp.square(g)) * mean(jnp.square(u)) + 1e-30)
+    # Offsets keep every derivative finite in float32 where a direction is exactly zero (the
+    # first step): 1e-30 would give rsqrt' ~ 1e45 = inf, and 0 * inf = NaN meta-gradients.
+    u = m * jax.lax.rsqrt(v + 1e-12)
+    cosine = mean(g * u) / (jnp.sqrt(mean(jnp.square(g)) + 1e-12) *
+                            jnp.sqrt(mean(jnp.square(u)) + 1e-12))
     has_history = b2_prod < 1.
     v_hat = mean(v) / jnp.where(has_history, 1. - b2_prod, 1.)
-    spike = jnp.clip(jnp.log((mean(jnp.square(g)) + 1e-30) / (v_hat + 1e-30)), -5., 5.)
+    spike = jnp.clip(jnp.log((mean(jnp.square(g)) + 1e-12) / (v_hat + 1e-12)), -5., 5.)
     return cosine, jnp.where(has_history, spike, 0.)
 
   def step_hparams(self, theta, iteration, layout, cosine, spike, log_lr):
@@ -173,7 +175,7 @@ class _HypergradAdamOptimizer(opt_base.Optimizer):
     m = per_param(b1) * s.m + (1. - per_param(b1)) * g
     v = per_param(b2) * s.v + (1. - per_param(b2)) * jnp.square(g)
     v_hat = v / per_param(1. - b2_prod)
-    step = per_param(lr / (1. - b1_prod)) * m / (jnp.sqrt(v_hat + 1e-30) + lopt.eps)
+    step = per_param(lr / (1. - b1_prod)) * m / (jnp.sqrt(v_hat + 1e-16) + lopt.eps)
     return HypergradAdamState(
         params=feat.unflatten(layout, p - step),
         model_state=s.model_state if model_state is None else model_state,
