@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.estimator.loss_type = "average"  # full-episode meta-loss: average | last
   config.estimator.sign_delta_loss_scalar = 0.0  # PES: use sign(delta loss) * this (0: off)
   config.estimator.meta_loss_split = "train"  # meta-loss on train batches or valid batches
+  config.estimator.meta_loss_transform = "none"  # none | log (mean log loss: late steps count)
   config.estimator.schedule = "log_uniform"  # inner-run length schedule: log_uniform | constant
   config.estimator.min_length = 100  # shortest inner run (log_uniform)
   config.estimator.max_length = 300  # longest inner run; full_* estimators unroll this many

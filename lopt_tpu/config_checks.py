@@ -46,6 +46,8 @@ def check_names(config):
          experiment.OUTER_OPTIMIZERS)
   _known("estimator.meta_loss_split", config.estimator.meta_loss_split, "split",
          unroll_lib.META_LOSS_SPLITS)
+  _known("estimator.meta_loss_transform", config.estimator.meta_loss_transform,
+         "meta-loss transform", unroll_lib.META_LOSS_TRANSFORMS)
   _known("estimator.loss_type", config.estimator.loss_type, "meta-loss type",
          est_base.META_LOSS_TYPES)
   if not config.task_families:

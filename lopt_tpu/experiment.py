@@ -41,7 +41,8 @@ def build_estimator(config, family, learned_opt) -> est_base.GradientEstimator:
   unroll = unroll_lib.TruncatedUnroll(
       family, learned_opt, schedule, est.num_tasks,
       random_initial_iteration_offset=est.random_initial_iteration_offset,
-      meta_loss_split=est.meta_loss_split)
+      meta_loss_split=est.meta_loss_split,
+      meta_loss_transform=est.get("meta_loss_transform", "none"))
   return registry.get("estimator", est.name)(
       unroll, trunc_length=est.trunc_length, std=est.std, loss_type=est.loss_type,
       sign_delta_loss_scalar=est.sign_delta_loss_scalar or None)

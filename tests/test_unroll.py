@@ -84,3 +84,45 @@ def test_meta_gradient_clipping_bounds_the_update():
   assert float(m_f["theta_grad_norm"]) > 1e-2
   np.testing.assert_allclose(norm(s_c), 1e-3, rtol=1e-4)  # sgd(1) step == clipped gradient
   np.testing.assert_allclose(norm(s_f), float(m_f["theta_grad_norm"]), rtol=1e-4)
+
+
+def _chunked(tasks_per_chunk, num_tasks=8):
+  return unroll_lib.TruncatedUnroll(quadratics.FixedDimQuadraticFamily(5, noise=0.5), LOPT,
+                                    truncation.ConstantTruncationSchedule(6), num_tasks, 6,
+                                    tasks_per_chunk=tasks_per_chunk)
+
+
+def test_chunked_unroll_equals_unrolling_all_tasks_at_once():
+  """Chunks of 2 or 3 tasks (lax.map over chunks) give every run exactly what it gets when all
+  8 are unrolled together: per-task thetas, restarts mid-truncation and gradients included."""
+  whole = _chunked(0)
+  assert whole.tasks_per_chunk_for(8) == 8
+  assert _chunked(3).tasks_per_chunk_for(8) == 2  # the largest divisor not above the limit
+  theta = LOPT.init(None)
+  thetas = jax.tree_util.tree_map(  # [S=2, T=8]: a different theta for every run
+      lambda x: x + 0.1 * jax.random.normal(jax.random.key(7), (2, 8) + x.shape), theta)
+  states = est_base.add_sample_axis(whole.init_states(theta, jax.random.key(0)), 2)
+
+  def meta_loss(thetas, u):
+    new_states, out = u.unroll(thetas, states, jax.random.key(1), 10)
+    return jnp.mean(out.meta_loss), (new_states, out)
+
+  results = [jax.jit(jax.value_and_grad(meta_loss, has_aux=True), static_argnums=1)(thetas, u)
+             for u in (whole, _chunked(2), _chunked(3))]
+  (loss, (new_states, out)), grads = results[0]
+  assert np.asarray(out.is_done).any()  # restarts happened inside the truncation
+  for (c_loss, (c_states, c_out)), c_grads in results[1:]:
+    for a, b in zip(jax.tree_util.tree_leaves((loss, new_states, out, grads)),
+                    jax.tree_util.tree_leaves((c_loss, c_states, c_out, c_grads))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_log_meta_loss_is_the_log_of_the_loss():
+  u = unroll_lib.TruncatedUnroll(quadratics.FixedDimQuadraticFamily(5, noise=0.5), LOPT,
+                                 truncation.ConstantTruncationSchedule(20), 2,
+                                 meta_loss_transform="log")
+  theta = LOPT.init(None)
+  states = est_base.add_sample_axis(u.init_states(theta, jax.random.key(0)))
+  _, out = u.unroll(theta, states, jax.random.key(1), 5, thetas_batched=False)
+  np.testing.assert_allclose(np.asarray(out.meta_loss),
+                             np.log(np.maximum(np.asarray(out.loss), 1e-8)), rtol=1e-6)

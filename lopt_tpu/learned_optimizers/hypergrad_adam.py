@@ -18,9 +18,11 @@ Two parts, the first hand-designed and the second learned:
      lr_k = lr0 * exp(s_k + o_lr),
      b1_k = sigmoid(logit(b1) + o_b1),  b2_k = sigmoid(logit(b2) + o_b2).
 
-   Features: the tanh time embedding (so it can express warm-up and decay schedules), rank
-   flags, the cosine above, the log ratio of the gradient's mean square to its running average
-   (positive on a gradient spike) and s_k itself.
+   Features: the tanh time embedding (so it can express warm-up and decay schedules) and rank
+   flags; with `dynamic_features` also the cosine above, the log ratio of the gradient's mean
+   square to its running average (positive on a gradient spike) and s_k itself. Without them
+   the learned part is a per-tensor-kind schedule on top of the rule, which adapts to the task
+   by itself; the schedule is what a greedy rule cannot know (it sees one step ahead).
 
 The MLP's read-out starts at zero, so at theta-init HypergradAdam *is* the hand-designed rule;
 everything it learns is a correction. Because betas change over time, bias correction divides
@@ -39,7 +41,8 @@ from lopt_tpu.learned_optimizers import features as feat
 from lopt_tpu.learned_optimizers import recurrent
 from lopt_tpu.optimizers import base as opt_base
 
-NUM_TENSOR_FEATURES = 6  # 3 rank flags, cosine, gradient spike, log-lr state
+NUM_STATIC_FEATURES = 3  # rank flags
+NUM_DYNAMIC_FEATURES = 3  # cosine, gradient spike, log-lr state
 NUM_CONTROLS = 4  # drift of the log-lr state, instantaneous log-lr, beta1 and beta2 shifts
 
 
@@ -86,6 +89,7 @@ class HypergradAdam(base.LearnedOptimizer):
     hyper_lr: step of the hypergradient rule on the log rate (0: no adaptation).
     log_lr_min, log_lr_max: bounds of the log multiplier s.
     drift_scale: scale of the learned drift of s (it accumulates over steps, so small).
+    dynamic_features: also feed the controller the rule's signals (see module doc).
     control_bound: every learned output is soft-clipped to +-this: the controller corrects
       the rule within bounds (lr within e^+-bound of the rule's, betas within a logit shift of
       bound), so it cannot drive the inner run far from the hand-designed rule.
@@ -97,7 +101,8 @@ class HypergradAdam(base.LearnedOptimizer):
   def __init__(self, learning_rate: float = 1e-2, b1: float = 0.9, b2: float = 0.999,
                eps: float = 1e-8, hyper_lr: float = 0.5, log_lr_min: float = -0.5,
                log_lr_max: float = 1.5,
-               drift_scale: float = 0.01, control_bound: float = 1., hidden_sizes=(32,)):
+               drift_scale: float = 0., dynamic_features: bool = False,
+               control_bound: float = 1., hidden_sizes=(32,)):
     self.learning_rate = learning_rate
     self.b1 = b1
     self.b2 = b2
@@ -106,10 +111,12 @@ class HypergradAdam(base.LearnedOptimizer):
     self.log_lr_min = float(log_lr_min)
     self.log_lr_max = float(log_lr_max)
     self.drift_scale = float(drift_scale)
+    self.dynamic_features = bool(dynamic_features)
     self.control_bound = float(control_bound)
     self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
     self.net = ControlNet(self.hidden_sizes)
-    self.num_features = NUM_TENSOR_FEATURES + len(feat.TIMESCALES)
+    self.num_features = (NUM_STATIC_FEATURES + len(feat.TIMESCALES) +
+                         (NUM_DYNAMIC_FEATURES if self.dynamic_features else 0))
 
   def init(self, key):
     return self.net.init(key, jnp.zeros([1, self.num_features]))
@@ -134,11 +141,12 @@ class HypergradAdam(base.LearnedOptimizer):
   def step_hparams(self, theta, iteration, layout, cosine, spike, log_lr):
     """Next log-lr state and this step's per-tensor (lr, b1, b2), each [T]."""
     time = feat.tanh_time_embedding(iteration)
-    inputs = jnp.concatenate([
-        jnp.asarray(rank_flags(layout)),
-        jnp.broadcast_to(time, (layout.num_tensors, time.shape[0])),
-        jnp.stack([cosine, 0.5 * spike, log_lr], axis=1)], axis=1)
-    out = recurrent.soft_clip(self.net.apply(theta, inputs), self.control_bound)
+    parts = [jnp.asarray(rank_flags(layout)),
+             jnp.broadcast_to(time, (layout.num_tensors, time.shape[0]))]
+    if self.dynamic_features:
+      parts.append(jnp.stack([cosine, 0.5 * spike, log_lr], axis=1))
+    out = recurrent.soft_clip(self.net.apply(theta, jnp.concatenate(parts, axis=1)),
+                              self.control_bound)
     log_lr = jnp.clip(log_lr + self.hyper_lr * cosine + self.drift_scale * out[:, 0],
                       self.log_lr_min, self.log_lr_max)
     lr = self.learning_rate * jnp.exp(log_lr + out[:, 1])

@@ -22,6 +22,13 @@ from lopt_tpu.outer import truncation
 from lopt_tpu.tasks import base as tasks_base
 
 META_LOSS_SPLITS = ("train", "valid")
+# "log" makes the meta-objective the mean log loss: every halving of the loss counts the same,
+# early or late, so the end of a long run is not drowned out by its first steps.
+META_LOSS_TRANSFORMS = ("none", "log")
+LOG_LOSS_FLOOR = 1e-8  # log of losses below this (exact zeros) is clipped; no gradient there
+# On CPU, runs are unrolled in chunks of at most this many tasks (per device) so that a chunk's
+# working set stays in cache (see `TruncatedUnroll.unroll`; measured in BENCHMARKS.md).
+CPU_TASKS_PER_CHUNK = 4
 
 
 @flax.struct.dataclass
@@ -61,22 +68,32 @@ class TruncatedUnroll:
       instances restart at different times instead of in lock step.
     meta_loss_split: "train" (loss on the training batch, free) or "valid" (an extra loss
       evaluation on a validation batch after each update).
+    meta_loss_transform: "none" (the loss itself) or "log" (its logarithm, floored at
+      LOG_LOSS_FLOOR; for losses that are positive, like cross-entropy).
+    tasks_per_chunk: unroll at most this many tasks (per device) at a time, in sequence (0: all
+      at once; None: CPU_TASKS_PER_CHUNK on CPU, all at once on accelerators).
   """
 
   def __init__(self, task_family: tasks_base.TaskFamily, learned_opt: lopt_base.LearnedOptimizer,
                trunc_sched: truncation.TruncationSchedule, num_tasks: int,
-               random_initial_iteration_offset: int = 0, meta_loss_split: str = "train"):
+               random_initial_iteration_offset: int = 0, meta_loss_split: str = "train",
+               meta_loss_transform: str = "none", tasks_per_chunk: Optional[int] = None):
     if num_tasks <= 0:
       raise ValueError(f"num_tasks must be positive, got {num_tasks}")
     if meta_loss_split not in META_LOSS_SPLITS:
       raise ValueError(f"meta_loss_split must be one of {META_LOSS_SPLITS}, got "
                        f"{meta_loss_split!r}")
+    if meta_loss_transform not in META_LOSS_TRANSFORMS:
+      raise ValueError(f"meta_loss_transform must be one of {META_LOSS_TRANSFORMS}, got "
+                       f"{meta_loss_transform!r}")
     self.task_family = task_family
     self.learned_opt = learned_opt
     self.trunc_sched = trunc_sched
     self.num_tasks = int(num_tasks)
     self.random_initial_iteration_offset = int(random_initial_iteration_offset)
     self.meta_loss_split = meta_loss_split
+    self.meta_loss_transform = meta_loss_transform
+    self.tasks_per_chunk = tasks_per_chunk
 
   # ---- one task ------------------------------------------------------------------------------
 
@@ -111,6 +128,8 @@ class TruncatedUnroll:
                                           vbatch)
     else:
       meta_loss = loss
+    if self.meta_loss_transform == "log":
+      meta_loss = jnp.log(jnp.maximum(meta_loss, LOG_LOSS_FLOOR))
     finite = jnp.isfinite(loss) & jnp.isfinite(meta_loss)
     diverged = ~(finite & _all_finite(opt.get_params(opt_state)))
     inner_step = state.inner_step + 1
@@ -140,9 +159,22 @@ class TruncatedUnroll:
 
     return jax.vmap(one, in_axes=(0 if theta_batched else None, 0))(theta, task_index)
 
+  def tasks_per_chunk_for(self, num_tasks: int) -> int:
+    """How many of `num_tasks` (per device) runs are advanced together; see `unroll`."""
+    limit = self.tasks_per_chunk
+    if limit is None:
+      limit = CPU_TASKS_PER_CHUNK if jax.default_backend() == "cpu" else 0
+    if limit <= 0 or limit >= num_tasks:
+      return num_tasks
+    return max(d for d in range(1, limit + 1) if num_tasks % d == 0)
+
   def unroll(self, thetas, states: UnrollState, key: jax.Array, num_steps: int,
              thetas_batched: bool = True, allow_restart: bool = True):
     """Advances S x T inner runs by `num_steps` steps in one `lax.scan`.
+
+    On CPU the T runs are split into chunks of `tasks_per_chunk_for(T)` that are unrolled one
+    after another (`lax.map`): every chunk runs all `num_steps` while its working set stays in
+    cache. Each run's arithmetic and random numbers do not depend on the chunking.
 
     Args:
       thetas: meta-parameters with leading [S, T] axes (per sample, per task) when
@@ -156,6 +188,33 @@ class TruncatedUnroll:
     Returns:
       (next_states, StepOut with leading [num_steps, S, T] axes).
     """
+    num_tasks = states.task_index.shape[1]
+    chunk = self.tasks_per_chunk_for(num_tasks)
+    if chunk == num_tasks:
+      return self._unroll_chunk(thetas, states, key, num_steps, thetas_batched, allow_restart)
+    num_chunks = num_tasks // chunk
+
+    def split(x):  # [S, T, ...] -> [chunks, S, T / chunks, ...]
+      return jnp.moveaxis(jnp.reshape(x, (x.shape[0], num_chunks, chunk) + x.shape[2:]), 1, 0)
+
+    def one_chunk(args):
+      chunk_thetas, chunk_states = args
+      return self._unroll_chunk(chunk_thetas if thetas_batched else thetas, chunk_states, key,
+                                num_steps, thetas_batched, allow_restart)
+
+    chunk_thetas = jax.tree_util.tree_map(split, thetas) if thetas_batched else None
+    states, out = jax.lax.map(one_chunk, (chunk_thetas, jax.tree_util.tree_map(split, states)))
+    # states: [chunks, S, T/chunks, ...] -> [S, T, ...]; out: [chunks, steps, S, T/chunks].
+    states = jax.tree_util.tree_map(
+        lambda x: jnp.reshape(jnp.moveaxis(x, 0, 1), (x.shape[1], num_tasks) + x.shape[3:]),
+        states)
+    out = jax.tree_util.tree_map(
+        lambda x: jnp.reshape(jnp.moveaxis(x, 0, 2), x.shape[1:3] + (num_tasks,)), out)
+    return states, out
+
+  def _unroll_chunk(self, thetas, states: UnrollState, key: jax.Array, num_steps: int,
+                    thetas_batched: bool, allow_restart: bool):
+    """`unroll` of all the runs in `states` in one `lax.scan` (no chunking)."""
     theta_axes = 0 if thetas_batched else None
     advance = jax.vmap(jax.vmap(self.advance, in_axes=(theta_axes, 0, 0)),
                        in_axes=(theta_axes, 0, None))
