@@ -54,8 +54,10 @@ def round_up(n, multiple):
   return -(-n // multiple) * multiple
 
 
-def build(workload, devices):
-  """The learner, its estimators and a note on task counts rounded up for the mesh."""
+def build(workload, devices, tasks_per_chunk=None):
+  """The learner, its estimators and a note on task counts rounded up for the mesh.
+
+  `tasks_per_chunk` is passed to every TruncatedUnroll (None: the library's default)."""
   lopt = lopt_tpu.MLPLOpt()
   sched = lopt_tpu.LogUniformLengthSchedule(min_length=MIN_LENGTH, max_length=MAX_LENGTH)
   estimators, notes = [], []
@@ -64,7 +66,8 @@ def build(workload, devices):
     if tasks != num_tasks:
       notes.append(f"{fam_name}: num_tasks {num_tasks} -> {tasks} (divisible by {devices})")
     unroll = lopt_tpu.TruncatedUnroll(make_family(fam_name), lopt, sched, num_tasks=tasks,
-                                      random_initial_iteration_offset=OFFSET)
+                                      random_initial_iteration_offset=OFFSET,
+                                      tasks_per_chunk=tasks_per_chunk)
     estimators.append(lopt_tpu.TruncatedPES(unroll, trunc_length=TRUNC_LENGTH))
   mesh = sharding.task_mesh() if devices > 1 else None
   learner = lopt_tpu.SingleMachineGradientLearner(lopt, estimators, optax.adam(1e-3), mesh=mesh)
@@ -186,6 +189,9 @@ def time_learner(args):
   figures = {
       "num_tasks": {est.unroll.task_family.name: est.unroll.num_tasks for est in estimators},
       "num_tasks_note": note, "trunc_length": TRUNC_LENGTH,
+      "tasks_per_chunk": {  # per device: the unroll advances this many tasks at a time
+          est.unroll.task_family.name: est.unroll.tasks_per_chunk_for(
+              est.unroll.num_tasks // args.devices) for est in estimators},
       "setup_s": setup_s, "init_s": init_s, "first_step_s": first_s, "step_s": stats,
       "recompiles_while_timing":
           learner._update._cache_size() - cache_before,  # pylint: disable=protected-access
@@ -200,7 +206,10 @@ def measure_pes(args):
   """The learner's figures, then FLOPs, the Adam baseline and the matmul reference."""
   figures, (learner, estimators, mesh, state, key) = time_learner(args)
   t0 = time.perf_counter()
-  flops = step_flops(learner, estimators, state, key)
+  # Counted on the same step without task chunking: same arithmetic, but chunking adds a loop
+  # (lax.map) whose body XLA's cost analysis would count once instead of once per chunk.
+  flop_learner, flop_estimators, _, _ = build(args.workload, args.devices, tasks_per_chunk=0)
+  flops = step_flops(flop_learner, flop_estimators, state, key)
   t1 = time.perf_counter()
   adam = adam_baseline.measure([est.unroll.task_family for est in estimators],
                                [est.unroll.num_tasks for est in estimators], TRUNC_LENGTH,
