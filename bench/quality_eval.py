@@ -16,6 +16,7 @@ Writes into --out: `<task>.{png,md,json}` per task, `summary.md` (one table),
 --record, the tuned-Adam figures (and a short-horizon check figure for
 tests/test_pretrained.py) are written into the pretrained optimizer's sidecar.
 
+  python bench/quality_eval.py --export_workdir=/tmp/lopt_quality --record  # export + evaluate
   python bench/quality_eval.py --name=digits_mlp_v1 --out=docs/quality --record
   python bench/quality_eval.py --theta=/path/theta.msgpack --sidecar=/path/theta.json --out=/tmp/q
 
@@ -180,10 +181,29 @@ def git_commit():
   return out or None
 
 
-def export(args):
-  """Writes the theta of the newest checkpoint in --export_workdir as pretrained --name."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
+def restore_thetas(exp, config, workdir, num):
+  """The thetas of the newest `num` checkpoints of a run (oldest first) and their steps."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from lopt_tpu import checkpointing  # pylint: disable=g-import-not-at-top
+  from lopt_tpu import train  # pylint: disable=g-import-not-at-top
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                    train.init_state(exp, config.seed))
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    steps = sorted(ckpt.manager.all_steps())[-num:]
+    if len(steps) < num:
+      raise SystemExit(f"{workdir} keeps {len(steps)} checkpoints, --average_last asks for {num}")
+    thetas = [ckpt.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+              .gradient_learner_state.theta for step in steps]
+  finally:
+    ckpt.close()
+  return thetas, [int(step) for step in steps]
+
+
+def export(args):
+  """Writes the theta of a finished meta-training run in --export_workdir as pretrained --name:
+  the mean of the thetas of its newest --average_last checkpoints (1: the final theta)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
   from lopt_tpu import experiment  # pylint: disable=g-import-not-at-top
   from lopt_tpu import train  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("config", args.config)
@@ -191,29 +211,30 @@ def export(args):
   spec.loader.exec_module(module)
   config = module.get_config()
   exp = experiment.build(config)
-  ckpt = checkpointing.Checkpointer(os.path.join(args.export_workdir, "checkpoints"))
-  try:
-    state, step = ckpt.restore_latest(train.init_state(exp, config.seed))
-  finally:
-    ckpt.close()
-  if step != config.num_outer_steps:
-    raise SystemExit(f"{args.export_workdir} holds outer step {step}, the config asks for "
+  thetas, steps = restore_thetas(exp, config, args.export_workdir, args.average_last)
+  if steps[-1] != config.num_outer_steps:
+    raise SystemExit(f"{args.export_workdir} holds outer step {steps[-1]}, the config asks for "
                      f"{config.num_outer_steps}: finish the run first")
-  theta = state.gradient_learner_state.theta
+  # PES iterates are noisy; their mean (Polyak averaging over the last checkpoints) is a
+  # steadier optimizer than the last iterate (docs/quality/search.md).
+  theta = jax.tree_util.tree_map(lambda *xs: sum(xs) / len(xs), *thetas)
   meta = {
       "name": args.name,
       "learned_optimizer": {"name": config.learned_optimizer.name,
                             "kwargs": config.learned_optimizer.kwargs.to_dict()},
       "theta_sha256": train.theta_fingerprint(theta),
+      "theta": {"averaged_outer_steps": steps,
+                "final_theta_sha256": train.theta_fingerprint(thetas[-1])},
       "meta_training": {
           "command": f"python main.py --config={os.path.relpath(args.config, REPO)} "
                      "--workdir=WORKDIR",
-          "config": json.loads(config.to_json()), "seed": config.seed, "outer_steps": step,
-          "git_commit": git_commit(), "wall_s": args.train_wall_s,
+          "config": json.loads(config.to_json()), "seed": config.seed,
+          "outer_steps": steps[-1], "git_commit": git_commit(), "wall_s": args.train_wall_s,
           "load_average": args.train_load, "machine": f"{os.cpu_count()} CPU cores"},
   }
   pretrained.save(args.name, theta, meta)
-  print(f"exported outer step {step} of {args.export_workdir} as {args.name}")
+  print(f"exported the mean theta of outer steps {steps} of {args.export_workdir} as "
+        f"{args.name}")
 
 
 def load(args):
@@ -239,6 +260,9 @@ def main():
   parser.add_argument("--export_workdir", help="first export the newest checkpoint of this "
                       "finished meta-training run as pretrained --name (needs --config)")
   parser.add_argument("--config", default=os.path.join(REPO, "configs", "quality_digits.py"))
+  parser.add_argument("--average_last", type=int, default=3, help="export the mean theta of "
+                      "the run's newest N checkpoints (the quality config keeps 3: outer steps "
+                      "2500, 2750, 3000); 1: the final theta")
   parser.add_argument("--train_wall_s", type=float, help="measured wall time of the run")
   parser.add_argument("--train_load", help="`uptime` load averages during the run")
   args = parser.parse_args()
