@@ -74,6 +74,14 @@ def build(workload, devices, tasks_per_chunk=None):
   return learner, estimators, mesh, "; ".join(notes)
 
 
+def tasks_per_chunk(est, est_state, devices):
+  """The chunk size the PES unroll uses on each device (its [2, T / devices] pair of states)."""
+  local = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((2, x.shape[0] // devices) + x.shape[1:], x.dtype),
+      est_state.pos_state)
+  return est.unroll.tasks_per_chunk_of(local)
+
+
 def peak_rss_gib():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
@@ -190,8 +198,8 @@ def time_learner(args):
       "num_tasks": {est.unroll.task_family.name: est.unroll.num_tasks for est in estimators},
       "num_tasks_note": note, "trunc_length": TRUNC_LENGTH,
       "tasks_per_chunk": {  # per device: the unroll advances this many tasks at a time
-          est.unroll.task_family.name: est.unroll.tasks_per_chunk_for(
-              est.unroll.num_tasks // args.devices) for est in estimators},
+          est.unroll.task_family.name: tasks_per_chunk(est, s, args.devices)
+          for est, s in zip(estimators, state.gradient_estimator_states)},
       "setup_s": setup_s, "init_s": init_s, "first_step_s": first_s, "step_s": stats,
       "recompiles_while_timing":
           learner._update._cache_size() - cache_before,  # pylint: disable=protected-access

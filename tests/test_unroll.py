@@ -117,6 +117,18 @@ def test_chunked_unroll_equals_unrolling_all_tasks_at_once():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
+def test_cpu_default_chunks_by_the_size_of_the_runs_state():
+  """Tiny runs stay vectorized across all tasks; runs whose state fills the cache budget are
+  chunked (on CPU, where the tests run)."""
+  u = _unroll(num_tasks=64)
+  budget = unroll_lib.CPU_CHUNK_BYTES
+  assert u.tasks_per_chunk_for(64, 100) == 64
+  assert u.tasks_per_chunk_for(64, budget // 4) == 4
+  assert u.tasks_per_chunk_for(64, budget // 5) == 4  # a divisor of 64: 5 -> 4
+  assert u.tasks_per_chunk_for(64, 10 * budget) == 1
+  assert u.tasks_per_chunk_for(64) == 64  # size unknown: no chunking
+
+
 def test_log_meta_loss_is_the_log_of_the_loss():
   u = unroll_lib.TruncatedUnroll(quadratics.FixedDimQuadraticFamily(5, noise=0.5), LOPT,
                                  truncation.ConstantTruncationSchedule(20), 2,

@@ -26,9 +26,11 @@ META_LOSS_SPLITS = ("train", "valid")
 # early or late, so the end of a long run is not drowned out by its first steps.
 META_LOSS_TRANSFORMS = ("none", "log")
 LOG_LOSS_FLOOR = 1e-8  # log of losses below this (exact zeros) is clipped; no gradient there
-# On CPU, runs are unrolled in chunks of at most this many tasks (per device) so that a chunk's
-# working set stays in cache (see `TruncatedUnroll.unroll`; measured in BENCHMARKS.md).
-CPU_TASKS_PER_CHUNK = 4
+# On CPU, runs are unrolled in chunks whose state (params, optimizer state; all S samples) fits
+# in about this many bytes per device, so that a chunk's working set stays in cache (see
+# `TruncatedUnroll.unroll`; measured in BENCHMARKS.md: digits-MLP runs with MLPLOpt are ~190 KB
+# a task, so 4-5 tasks a chunk, while tiny tasks such as small quadratics are never chunked).
+CPU_CHUNK_BYTES = 1 << 20
 
 
 @flax.struct.dataclass
@@ -71,7 +73,7 @@ class TruncatedUnroll:
     meta_loss_transform: "none" (the loss itself) or "log" (its logarithm, floored at
       LOG_LOSS_FLOOR; for losses that are positive, like cross-entropy).
     tasks_per_chunk: unroll at most this many tasks (per device) at a time, in sequence (0: all
-      at once; None: CPU_TASKS_PER_CHUNK on CPU, all at once on accelerators).
+      at once; None: on CPU as many as fit in CPU_CHUNK_BYTES, on accelerators all at once).
   """
 
   def __init__(self, task_family: tasks_base.TaskFamily, learned_opt: lopt_base.LearnedOptimizer,
@@ -159,22 +161,32 @@ class TruncatedUnroll:
 
     return jax.vmap(one, in_axes=(0 if theta_batched else None, 0))(theta, task_index)
 
-  def tasks_per_chunk_for(self, num_tasks: int) -> int:
-    """How many of `num_tasks` (per device) runs are advanced together; see `unroll`."""
+  def tasks_per_chunk_for(self, num_tasks: int, bytes_per_task: Optional[int] = None) -> int:
+    """How many of `num_tasks` (per device) runs are advanced together; see `unroll`.
+
+    `bytes_per_task`: the state of one task's runs (all samples); needed for the CPU default.
+    """
     limit = self.tasks_per_chunk
     if limit is None:
-      limit = CPU_TASKS_PER_CHUNK if jax.default_backend() == "cpu" else 0
+      on_cpu = jax.default_backend() == "cpu" and bytes_per_task is not None
+      limit = max(1, CPU_CHUNK_BYTES // max(1, bytes_per_task)) if on_cpu else 0
     if limit <= 0 or limit >= num_tasks:
       return num_tasks
     return max(d for d in range(1, limit + 1) if num_tasks % d == 0)
+
+  def tasks_per_chunk_of(self, states: UnrollState) -> int:
+    """`tasks_per_chunk_for` the [S, T] states `unroll` is given."""
+    num_tasks = states.task_index.shape[1]
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(states))
+    return self.tasks_per_chunk_for(num_tasks, total // num_tasks)
 
   def unroll(self, thetas, states: UnrollState, key: jax.Array, num_steps: int,
              thetas_batched: bool = True, allow_restart: bool = True):
     """Advances S x T inner runs by `num_steps` steps in one `lax.scan`.
 
-    On CPU the T runs are split into chunks of `tasks_per_chunk_for(T)` that are unrolled one
-    after another (`lax.map`): every chunk runs all `num_steps` while its working set stays in
-    cache. Each run's arithmetic and random numbers do not depend on the chunking.
+    On CPU the T runs are split into chunks of `tasks_per_chunk_of(states)` tasks that are
+    unrolled one after another (`lax.map`): every chunk runs all `num_steps` while its working
+    set stays in cache. Each run's arithmetic and random numbers do not depend on the chunking.
 
     Args:
       thetas: meta-parameters with leading [S, T] axes (per sample, per task) when
@@ -189,7 +201,7 @@ class TruncatedUnroll:
       (next_states, StepOut with leading [num_steps, S, T] axes).
     """
     num_tasks = states.task_index.shape[1]
-    chunk = self.tasks_per_chunk_for(num_tasks)
+    chunk = self.tasks_per_chunk_of(states)
     if chunk == num_tasks:
       return self._unroll_chunk(thetas, states, key, num_steps, thetas_batched, allow_restart)
     num_chunks = num_tasks // chunk
