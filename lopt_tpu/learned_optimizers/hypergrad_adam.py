@@ -26,8 +26,9 @@ Two parts, the first hand-designed and the second learned:
 
 The MLP's read-out starts at zero, so at theta-init HypergradAdam *is* the hand-designed rule;
 everything it learns is a correction. Because betas change over time, bias correction divides
-by `1 - prod(betas so far)` per tensor (the exact total weight of the moving average), as in
-`nn_adam`. No recurrent network: the update costs one tiny [T, F] MLP on top of Adam.
+by `1 - prod(betas so far)` per tensor (the exact total weight of the moving average; the
+Adam core is shared with `nn_adam`: `per_tensor_adam`). No recurrent network: the update costs
+one tiny [T, F] MLP on top of Adam.
 """
 
 import flax
@@ -38,6 +39,7 @@ import numpy as np
 
 from lopt_tpu.learned_optimizers import base
 from lopt_tpu.learned_optimizers import features as feat
+from lopt_tpu.learned_optimizers import per_tensor_adam
 from lopt_tpu.learned_optimizers import recurrent
 from lopt_tpu.optimizers import base as opt_base
 
@@ -67,10 +69,6 @@ class ControlNet(nn.Module):
     for h in self.hidden_sizes:
       x = nn.relu(nn.Dense(h)(x))
     return nn.Dense(NUM_CONTROLS, kernel_init=nn.initializers.zeros, name="readout")(x)
-
-
-def _logit(x: float) -> float:
-  return float(np.log(x) - np.log1p(-x))
 
 
 def rank_flags(layout: feat.FlatLayout) -> np.ndarray:
@@ -150,8 +148,8 @@ class HypergradAdam(base.LearnedOptimizer):
     log_lr = jnp.clip(log_lr + self.hyper_lr * cosine + self.drift_scale * out[:, 0],
                       self.log_lr_min, self.log_lr_max)
     lr = self.learning_rate * jnp.exp(log_lr + out[:, 1])
-    b1 = jax.nn.sigmoid(_logit(self.b1) + out[:, 2])
-    b2 = jax.nn.sigmoid(_logit(self.b2) + out[:, 3])
+    b1 = jax.nn.sigmoid(per_tensor_adam.logit(self.b1) + out[:, 2])
+    b2 = jax.nn.sigmoid(per_tensor_adam.logit(self.b2) + out[:, 3])
     return log_lr, lr, b1, b2
 
 
@@ -163,12 +161,10 @@ class _HypergradAdamOptimizer(opt_base.Optimizer):
 
   def init(self, params, model_state=None, num_steps=None, key=None):
     layout = feat.layout_of(params)
-    size, num = sum(layout.sizes), layout.num_tensors
     return HypergradAdamState(
         params=params, model_state=model_state, iteration=jnp.asarray(0, jnp.int32),
-        m=jnp.zeros([size], jnp.float32), v=jnp.zeros([size], jnp.float32),
-        b1_prod=jnp.ones([num], jnp.float32), b2_prod=jnp.ones([num], jnp.float32),
-        log_lr=jnp.zeros([num], jnp.float32))
+        log_lr=jnp.zeros([layout.num_tensors], jnp.float32),
+        **per_tensor_adam.init_moments(layout))
 
   def update(self, opt_state, grads, loss=None, model_state=None, key=None):
     lopt, s = self.lopt, opt_state
@@ -178,13 +174,9 @@ class _HypergradAdamOptimizer(opt_base.Optimizer):
     log_lr, lr, b1, b2 = lopt.step_hparams(self.theta, s.iteration, layout, cosine, spike,
                                            s.log_lr)
 
-    b1_prod, b2_prod = s.b1_prod * b1, s.b2_prod * b2
-    per_param = lambda x: feat.broadcast_segments(x, layout)
-    m = per_param(b1) * s.m + (1. - per_param(b1)) * g
-    v = per_param(b2) * s.v + (1. - per_param(b2)) * jnp.square(g)
-    v_hat = v / per_param(1. - b2_prod)
-    step = per_param(lr / (1. - b1_prod)) * m / (jnp.sqrt(v_hat + 1e-16) + lopt.eps)
+    step, moments = per_tensor_adam.step(g, s.m, s.v, s.b1_prod, s.b2_prod, lr, b1, b2,
+                                         lopt.eps, layout, v_floor=1e-16)
     return HypergradAdamState(
         params=feat.unflatten(layout, p - step),
         model_state=s.model_state if model_state is None else model_state,
-        iteration=s.iteration + 1, m=m, v=v, b1_prod=b1_prod, b2_prod=b2_prod, log_lr=log_lr)
+        iteration=s.iteration + 1, log_lr=log_lr, **moments)

@@ -21,6 +21,7 @@ import numpy as np
 
 from lopt_tpu.learned_optimizers import base
 from lopt_tpu.learned_optimizers import features as feat
+from lopt_tpu.learned_optimizers import per_tensor_adam
 from lopt_tpu.learned_optimizers import recurrent
 from lopt_tpu.optimizers import base as opt_base
 
@@ -38,10 +39,6 @@ class NNAdamState:
   b1_prod: jax.Array  # [T] float32 product of the beta1s used so far (bias correction)
   b2_prod: jax.Array  # [T] float32 product of the beta2s used so far
   lstm_carry: recurrent.Carry  # ([T, H], [T, H]) float32
-
-
-def _logit(x: float) -> float:
-  return float(np.log(x) - np.log1p(-x))
 
 
 class NNAdam(base.LearnedOptimizer):
@@ -116,8 +113,8 @@ class NNAdam(base.LearnedOptimizer):
     """Maps controller outputs [T, 4] to per-tensor (lr, b1, b2, eps), each [T]."""
     out = out * self.output_scale
     lr = self.learning_rate * jnp.exp(recurrent.soft_clip(out[:, 0], self.log_bound))
-    b1 = jax.nn.sigmoid(_logit(self.b1) + out[:, 1])
-    b2 = jax.nn.sigmoid(_logit(self.b2) + out[:, 2])
+    b1 = jax.nn.sigmoid(per_tensor_adam.logit(self.b1) + out[:, 1])
+    b2 = jax.nn.sigmoid(per_tensor_adam.logit(self.b2) + out[:, 2])
     eps = self.eps * jnp.exp(recurrent.soft_clip(out[:, 3], self.log_bound))
     return lr, b1, b2, eps
 
@@ -130,12 +127,10 @@ class _NNAdamOptimizer(opt_base.Optimizer):
 
   def init(self, params, model_state=None, num_steps=None, key=None):
     layout = feat.layout_of(params)
-    size, num = sum(layout.sizes), layout.num_tensors
     return NNAdamState(
         params=params, model_state=model_state, iteration=jnp.asarray(0, jnp.int32),
-        m=jnp.zeros([size], jnp.float32), v=jnp.zeros([size], jnp.float32),
-        b1_prod=jnp.ones([num], jnp.float32), b2_prod=jnp.ones([num], jnp.float32),
-        lstm_carry=recurrent.tile_carry(self.theta["initial_carry"], num))
+        lstm_carry=recurrent.tile_carry(self.theta["initial_carry"], layout.num_tensors),
+        **per_tensor_adam.init_moments(layout))
 
   def update(self, opt_state, grads, loss=None, model_state=None, key=None):
     lopt, s = self.lopt, opt_state
@@ -148,14 +143,10 @@ class _NNAdamOptimizer(opt_base.Optimizer):
     carry, out = lopt.controller.apply(self.theta["controller"], s.lstm_carry, inputs)
     lr, b1, b2, eps = lopt.hparams(out)
 
-    b1_prod, b2_prod = s.b1_prod * b1, s.b2_prod * b2
-    per_param = lambda x: feat.broadcast_segments(x, layout)
-    m = per_param(b1) * s.m + (1. - per_param(b1)) * g
-    v = per_param(b2) * s.v + (1. - per_param(b2)) * jnp.square(g)
-    v_hat = v / per_param(1. - b2_prod)
-    step = per_param(lr / (1. - b1_prod)) * m / (jnp.sqrt(v_hat + 1e-30) + per_param(eps))
+    step, moments = per_tensor_adam.step(g, s.m, s.v, s.b1_prod, s.b2_prod, lr, b1, b2,
+                                         feat.broadcast_segments(eps, layout), layout,
+                                         v_floor=1e-30)
     return NNAdamState(
         params=feat.unflatten(layout, p - step),
         model_state=s.model_state if model_state is None else model_state,
-        iteration=s.iteration + 1, m=m, v=v, b1_prod=b1_prod, b2_prod=b2_prod,
-        lstm_carry=carry)
+        iteration=s.iteration + 1, lstm_carry=carry, **moments)

@@ -1,0 +1,47 @@
+"""Adam with per-tensor, per-step hyper-parameters over flat params: the shared core of the
+learned optimizers that steer Adam (NNAdam, HypergradAdam).
+
+Betas may change every step, so bias correction divides by `1 - prod(betas so far)` per
+tensor (the exact total weight of the moving average) instead of `1 - beta ** t`.
+"""
+
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lopt_tpu.learned_optimizers import features as feat
+
+
+def logit(x: float) -> float:
+  """Inverse sigmoid of a constant (e.g. a default beta), for shifting it in logit space."""
+  return float(np.log(x) - np.log1p(-x))
+
+
+def init_moments(layout: feat.FlatLayout) -> Dict[str, jax.Array]:
+  """Zero moments over the flat params and unit beta products per tensor."""
+  size, num = sum(layout.sizes), layout.num_tensors
+  return {"m": jnp.zeros([size], jnp.float32), "v": jnp.zeros([size], jnp.float32),
+          "b1_prod": jnp.ones([num], jnp.float32), "b2_prod": jnp.ones([num], jnp.float32)}
+
+
+def step(g, m, v, b1_prod, b2_prod, lr, b1, b2, eps, layout: feat.FlatLayout, v_floor: float):
+  """One Adam step with per-tensor lr / b1 / b2 ([T] each).
+
+  Args:
+    g, m, v: [P] flat gradient and moments.
+    b1_prod, b2_prod: [T] products of the betas used before this step.
+    eps: a scalar or a [P] per-parameter epsilon.
+    v_floor: added under the square root so its derivative stays finite at v = 0.
+
+  Returns:
+    (the [P] update to subtract from the params, new moments: a dict like `init_moments`).
+  """
+  b1_prod, b2_prod = b1_prod * b1, b2_prod * b2
+  per_param = lambda x: feat.broadcast_segments(x, layout)
+  m = per_param(b1) * m + (1. - per_param(b1)) * g
+  v = per_param(b2) * v + (1. - per_param(b2)) * jnp.square(g)
+  v_hat = v / per_param(1. - b2_prod)
+  update = per_param(lr / (1. - b1_prod)) * m / (jnp.sqrt(v_hat + v_floor) + eps)
+  return update, {"m": m, "v": v, "b1_prod": b1_prod, "b2_prod": b2_prod}
