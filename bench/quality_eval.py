@@ -183,21 +183,18 @@ def git_commit():
 
 def restore_thetas(exp, config, workdir, num):
   """The thetas of the newest `num` checkpoints of a run (oldest first) and their steps."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from lopt_tpu import checkpointing  # pylint: disable=g-import-not-at-top
   from lopt_tpu import train  # pylint: disable=g-import-not-at-top
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                    train.init_state(exp, config.seed))
+  target = train.init_state(exp, config.seed)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
-    steps = sorted(ckpt.manager.all_steps())[-num:]
+    steps = ckpt.steps()[-num:]
     if len(steps) < num:
       raise SystemExit(f"{workdir} keeps {len(steps)} checkpoints, --average_last asks for {num}")
-    thetas = [ckpt.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-              .gradient_learner_state.theta for step in steps]
+    thetas = [ckpt.restore(step, target).gradient_learner_state.theta for step in steps]
   finally:
     ckpt.close()
-  return thetas, [int(step) for step in steps]
+  return thetas, steps
 
 
 def export(args):

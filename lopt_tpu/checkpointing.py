@@ -5,7 +5,7 @@ checkpoint cut off mid-write is never listed, and never loaded.
 """
 
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -30,8 +30,16 @@ class Checkpointer:
     step = self.manager.latest_step()
     if step is None:
       return target, 0
+    return self.restore(step, target), int(step)
+
+  def steps(self) -> List[int]:
+    """Steps of the kept (complete) checkpoints, oldest first."""
+    return sorted(int(step) for step in self.manager.all_steps())
+
+  def restore(self, step: int, target: Any) -> Any:
+    """The state saved at `step`, restored into the structure of `target`."""
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract)), int(step)
+    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def save(self, step: int, state: Any):
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True)

@@ -42,7 +42,7 @@ def build_estimator(config, family, learned_opt) -> est_base.GradientEstimator:
       family, learned_opt, schedule, est.num_tasks,
       random_initial_iteration_offset=est.random_initial_iteration_offset,
       meta_loss_split=est.meta_loss_split,
-      meta_loss_transform=est.get("meta_loss_transform", "none"))
+      meta_loss_transform=est.meta_loss_transform)
   return registry.get("estimator", est.name)(
       unroll, trunc_length=est.trunc_length, std=est.std, loss_type=est.loss_type,
       sign_delta_loss_scalar=est.sign_delta_loss_scalar or None)
