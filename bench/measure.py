@@ -77,8 +77,8 @@ def build(workload, devices, tasks_per_chunk=None):
 def tasks_per_chunk(est, est_state, devices):
   """The chunk size the PES unroll uses on each device (its [2, T / devices] pair of states)."""
   local = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct((2, x.shape[0] // devices) + x.shape[1:], x.dtype),
-      est_state.pos_state)
+      lambda x: jax.ShapeDtypeStruct((2, x.shape[1] // devices) + x.shape[2:], x.dtype),
+      est_state.pair)
   return est.unroll.tasks_per_chunk_of(local)
 
 
@@ -116,12 +116,9 @@ def one_inner_step_flops(est, theta, est_state, key):
   thetas = jax.eval_shape(
       lambda th, idx: est_base.antithetic_thetas(
           th, est_base.sample_perturbations(th, key, idx, est.std)),
-      theta, est_state.pos_state.task_index)
-  pair = jax.eval_shape(
-      lambda s: jax.tree_util.tree_map(lambda p, n: jnp.stack([p, n]), s.pos_state, s.neg_state),
-      est_state)
+      theta, est_state.pair.task_index[0])
   one_step = lambda thetas, pair, key: est.unroll.unroll(thetas, pair, key, 1)
-  lowered = jax.jit(one_step).lower(abstract(thetas), abstract(pair), abstract(key))
+  lowered = jax.jit(one_step).lower(abstract(thetas), abstract(est_state.pair), abstract(key))
   return flops_of(lowered.compile())
 
 

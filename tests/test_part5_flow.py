@@ -52,8 +52,10 @@ def test_worker_and_central_learner_flow():
     out = compute(weights, tuple(estimators), states, jax.random.fold_in(key, step))
     states = out.unroll_states
     # Only gradients, one loss and scalar metrics travel to the learner, no unroll state.
-    assert len(jax.tree_util.tree_leaves(out.to_put)) == (
-        len(jax.tree_util.tree_leaves(theta0)) + 1 + len(out.to_put.metrics))
+    # (the gradient as one flat buffer of theta's size).
+    assert len(jax.tree_util.tree_leaves(out.to_put)) == 2 + len(out.to_put.metrics)
+    assert out.to_put.theta_grads.shape == (
+        sum(x.size for x in jax.tree_util.tree_leaves(theta0)),)
     central, metrics = learner.update(central, [out.to_put])
     assert np.isfinite(float(metrics["theta_grad_norm"]))
   moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), theta0, central.theta)

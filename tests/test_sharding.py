@@ -43,8 +43,8 @@ def _theta_after(learner, steps=3):
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_sharded_step_equals_single_device(name, num_tasks):
   assert jax.device_count() == 8
-  mesh = sharding.task_mesh()
-  sharded, loss_s = _theta_after(_learner(name, num_tasks, mesh))
+  learner = _learner(name, num_tasks, sharding.task_mesh())
+  sharded, loss_s = _theta_after(learner)
   single, loss_1 = _theta_after(_learner(name, num_tasks, None))
   np.testing.assert_allclose(loss_s, loss_1, rtol=1e-5)
   theta_s = sharded.gradient_learner_state.theta
@@ -54,10 +54,14 @@ def test_sharded_step_equals_single_device(name, num_tasks):
   # 3 * 3e-3 that three outer steps move it. Everything else agrees to 1e-5 relative.
   for a, b in zip(jax.tree_util.tree_leaves(theta_s), jax.tree_util.tree_leaves(theta_1)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-5)
-  # The per-task state really is split over the 8 devices.
-  for leaf in jax.tree_util.tree_leaves(sharded.gradient_estimator_states):
+  # The per-task state really is split over the 8 devices, along its task axis.
+  states = sharded.gradient_estimator_states
+  specs = [est.state_partition_specs(s) for est, s in zip(learner.estimators, states)]
+  for leaf, spec in zip(jax.tree_util.tree_leaves(states), jax.tree_util.tree_leaves(specs)):
+    axis = list(spec).index(sharding.TASKS)
     assert len(leaf.sharding.device_set) == 8
-    assert leaf.addressable_shards[0].data.shape[0] == num_tasks // 8
+    assert leaf.shape[axis] == num_tasks
+    assert leaf.addressable_shards[0].data.shape[axis] == num_tasks // 8
 
 
 def test_indivisible_task_count_is_rejected():

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
@@ -34,8 +35,12 @@ class WorkerWeights:
 
 @flax.struct.dataclass
 class AggregatedGradient:
-  """What a worker sends back: gradients, losses and metrics, never unroll states."""
-  theta_grads: Any
+  """What a worker sends back: gradients, losses and metrics, never unroll states.
+
+  `theta_grads` is the meta-gradient flattened like `jax.flatten_util.ravel_pytree(theta)`:
+  one buffer to average over estimators, devices and hosts instead of one per leaf.
+  """
+  theta_grads: jax.Array  # [P]
   mean_loss: jax.Array
   metrics: Dict[str, jax.Array]
 
@@ -79,9 +84,9 @@ def gradient_worker_compute(worker_weights: WorkerWeights,
     if with_metrics:
       metrics[f"{label}/mean_loss"] = out.mean_loss
       metrics.update({f"{label}/{k}": v for k, v in out.metrics.items()})
-  mean = lambda *xs: sum(xs) / len(xs)
-  grad = jax.tree_util.tree_map(mean, *grads)
-  loss = mean(*losses)
+  mean = lambda xs: sum(xs) / len(xs)
+  grad = mean([jax.flatten_util.ravel_pytree(g)[0] for g in grads])
+  loss = mean(losses)
   return WorkerComputeOut(to_put=AggregatedGradient(grad, loss, metrics), unroll_states=states,
                           metrics=metrics)
 
@@ -113,16 +118,19 @@ class GradientLearner:
              key: Optional[jax.Array] = None) -> Tuple[GradientLearnerState, Dict[str, Any]]:
     """Averages the workers' gradients and takes one outer-optimizer step."""
     del key  # the outer update is deterministic; kept for interface symmetry
-    grads = jax.tree_util.tree_map(lambda *g: sum(g) / len(g),
-                                   *[w.theta_grads for w in worker_outputs])
-    grad_norm = optax.tree.norm(grads)
+    grads = worker_outputs[0].theta_grads
+    if len(worker_outputs) > 1:
+      grads = sum(w.theta_grads for w in worker_outputs) / len(worker_outputs)
+    grad_norm = jnp.linalg.norm(grads)
     if self.meta_grad_clip is not None:
-      scale = jnp.minimum(1.0, self.meta_grad_clip / (grad_norm + 1e-12))
-      grads = jax.tree_util.tree_map(lambda g: g * scale, grads)
-    updates, opt_state = self.theta_opt.update(grads, state.theta_opt_state, state.theta)
+      grads = grads * jnp.minimum(1.0, self.meta_grad_clip / (grad_norm + 1e-12))
+    _, unravel = jax.flatten_util.ravel_pytree(state.theta)
+    updates, opt_state = self.theta_opt.update(unravel(grads), state.theta_opt_state,
+                                               state.theta)
     theta = optax.apply_updates(state.theta, updates)
-    metrics = {"theta_grad_norm": grad_norm, "theta_update_norm": optax.tree.norm(updates),
-               "theta_norm": optax.tree.norm(theta)}
+    flat_norm = lambda tree: jnp.linalg.norm(jax.flatten_util.ravel_pytree(tree)[0])
+    metrics = {"theta_grad_norm": grad_norm, "theta_update_norm": flat_norm(updates),
+               "theta_norm": flat_norm(theta)}
     return GradientLearnerState(theta=theta, theta_opt_state=opt_state,
                                 step=state.step + 1), metrics
 
@@ -173,8 +181,13 @@ class SingleMachineGradientLearner:
     shapes = jax.eval_shape(self._init_impl, key)
     shardings = SingleMachineState(
         sharding.tree_of(shapes.gradient_learner_state, sharding.replicated(self.mesh)),
-        sharding.tree_of(shapes.gradient_estimator_states, sharding.split_tasks(self.mesh)))
+        jax.tree_util.tree_map(lambda spec: jax.sharding.NamedSharding(self.mesh, spec),
+                               self._state_specs(shapes.gradient_estimator_states)))
     return jax.jit(self._init_impl, out_shardings=shardings)(key)
+
+  def _state_specs(self, estimator_states):
+    """Each estimator's `state_partition_specs`: where its states keep the task axis."""
+    return [est.state_partition_specs(s) for est, s in zip(self.estimators, estimator_states)]
 
   def update(self, state: SingleMachineState, key: jax.Array, with_metrics: bool = True):
     """One outer step. Returns (next_state, mean meta-loss, metrics). `state` is donated."""
@@ -201,7 +214,8 @@ class SingleMachineGradientLearner:
     if self.mesh is None:
       outs = step(learner_state, state.gradient_estimator_states, key, reduce=None)
     else:
-      spec_r, spec_t = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(sharding.TASKS)
+      spec_r = jax.sharding.PartitionSpec()
+      spec_t = self._state_specs(state.gradient_estimator_states)
       outs = jax.shard_map(functools.partial(step, reduce=sharding.mean_over_devices),
                            mesh=self.mesh, in_specs=(spec_r, spec_t, spec_r),
                            out_specs=(spec_r, spec_t, spec_r, spec_r))(

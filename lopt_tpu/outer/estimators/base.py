@@ -12,6 +12,7 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 
+from lopt_tpu.outer import sharding
 from lopt_tpu.outer import unroll as unroll_lib
 
 META_LOSS_TYPES = ("average", "last")
@@ -45,11 +46,32 @@ class GradientEstimator:
   def compute_gradient_estimate(self, theta, state, key: jax.Array):
     raise NotImplementedError
 
+  def state_partition_specs(self, state):
+    """Where each worker-state leaf keeps its task axis, as `PartitionSpec`s over `TASKS`
+    (default: every leaf task-major). The sharded learner splits that axis over devices."""
+    return partition_specs(state)
+
+
+def partition_specs(tree, task_axis: int = 0):
+  """`PartitionSpec`s splitting axis `task_axis` of every leaf of `tree` over `TASKS`."""
+  spec = jax.sharding.PartitionSpec(*([None] * task_axis + [sharding.TASKS]))
+  return jax.tree_util.tree_map(lambda _: spec, tree)
+
 
 def default_task_index(unroll: unroll_lib.TruncatedUnroll, task_index=None) -> jax.Array:
   if task_index is None:
     return jnp.arange(unroll.num_tasks, dtype=jnp.int32)
   return jnp.asarray(task_index, jnp.int32)
+
+
+def sample_flat_perturbations(flat_theta: jax.Array, key: jax.Array, task_index: jax.Array,
+                              std: float) -> jax.Array:
+  """[T, P] Gaussian perturbations of the flattened theta, task i's from `fold_in(key, i)`."""
+  def one(i):
+    return std * jax.random.normal(jax.random.fold_in(key, i), flat_theta.shape,
+                                   flat_theta.dtype)
+
+  return jax.vmap(one)(task_index)
 
 
 def sample_perturbations(theta, key: jax.Array, task_index: jax.Array, std: float):
@@ -59,11 +81,7 @@ def sample_perturbations(theta, key: jax.Array, task_index: jax.Array, std: floa
   task instead of one per leaf, which on CPU is several seconds less to compile.
   """
   flat, unravel = jax.flatten_util.ravel_pytree(theta)
-
-  def one(i):
-    return unravel(std * jax.random.normal(jax.random.fold_in(key, i), flat.shape, flat.dtype))
-
-  return jax.vmap(one)(task_index)
+  return jax.vmap(unravel)(sample_flat_perturbations(flat, key, task_index, std))
 
 
 def antithetic_thetas(theta, eps):

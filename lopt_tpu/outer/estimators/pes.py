@@ -15,6 +15,7 @@ of a run estimates the gradient of the run's mean loss without truncation bias.
 
 import flax
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 
 from lopt_tpu.outer import unroll as unroll_lib
@@ -23,13 +24,25 @@ from lopt_tpu.outer.estimators import base
 
 @flax.struct.dataclass
 class PESState:
-  pos_state: unroll_lib.UnrollState  # leaves [T, ...]
-  neg_state: unroll_lib.UnrollState
-  accumulator: object  # theta-like, leaves [T, ...]
+  pair: unroll_lib.UnrollState  # leaves [2, T, ...]: the positive runs, then the negative ones
+  accumulator: jax.Array  # [T, P]: xi_i over theta flattened (`jax.flatten_util.ravel_pytree`)
+
+  @property
+  def pos_state(self) -> unroll_lib.UnrollState:
+    return jax.tree_util.tree_map(lambda x: x[0], self.pair)
+
+  @property
+  def neg_state(self) -> unroll_lib.UnrollState:
+    return jax.tree_util.tree_map(lambda x: x[1], self.pair)
 
 
 class TruncatedPES(base.GradientEstimator):
   """Truncated PES with antithetic pairs evaluated as one stacked vmap.
+
+  The pair of runs is stored stacked ([2, T, ...]) exactly as the unroll consumes and returns
+  it, and the perturbation algebra (xi, weights, gradient) runs on theta flattened into one
+  vector: per-leaf stacking, slicing and reductions would otherwise be hundreds of tiny
+  kernels that XLA compiles one by one (BENCHMARKS.md, first-step compile time).
 
   Args:
     unroll: the vectorized inner runs.
@@ -59,17 +72,21 @@ class TruncatedPES(base.GradientEstimator):
   def init_worker_state(self, theta, key, task_index=None):
     task_index = base.default_task_index(self.unroll, task_index)
     states = self.unroll.init_states(theta, key, task_index)
-    zeros = jax.tree_util.tree_map(
-        lambda x: jnp.zeros((task_index.shape[0],) + jnp.shape(x), jnp.result_type(x)), theta)
-    return PESState(pos_state=states, neg_state=states, accumulator=zeros)
+    flat, _ = jax.flatten_util.ravel_pytree(theta)
+    return PESState(pair=base.add_sample_axis(states, 2),
+                    accumulator=jnp.zeros((task_index.shape[0],) + flat.shape, flat.dtype))
+
+  def state_partition_specs(self, state):
+    return PESState(pair=base.partition_specs(state.pair, task_axis=1),
+                    accumulator=base.partition_specs(state.accumulator))
 
   def compute_gradient_estimate(self, theta, state, key):
     k_eps, k_run = jax.random.split(key)
-    eps = base.sample_perturbations(theta, k_eps, state.pos_state.task_index, self.std)
-    pair = jax.tree_util.tree_map(lambda p, n: jnp.stack([p, n]), state.pos_state,
-                                  state.neg_state)
-    states, out = self.unroll.unroll(base.antithetic_thetas(theta, eps), pair, k_run,
-                                     self.trunc_length)
+    flat_theta, unravel = jax.flatten_util.ravel_pytree(theta)
+    task_index = state.pair.task_index[0]
+    eps = base.sample_flat_perturbations(flat_theta, k_eps, task_index, self.std)  # [T, P]
+    thetas = jax.vmap(jax.vmap(unravel))(jnp.stack([flat_theta + eps, flat_theta - eps]))
+    states, out = self.unroll.unroll(thetas, state.pair, k_run, self.trunc_length)
     valid = out.valid[:, 0] & out.valid[:, 1]  # [K, T]
     delta = jnp.where(valid, out.meta_loss[:, 0] - out.meta_loss[:, 1], 0.0)
     if self.sign_delta_loss_scalar is not None:
@@ -80,15 +97,11 @@ class TruncatedPES(base.GradientEstimator):
     scale = 1.0 / (2 * self.std ** 2 * self.trunc_length)
     old_weight = jnp.sum(jnp.where(in_old_run, delta, 0.0), axis=0) * scale  # [T]
     new_weight = jnp.sum(jnp.where(in_old_run, 0.0, delta), axis=0) * scale
-    xi = jax.tree_util.tree_map(jnp.add, state.accumulator, eps)
-    grad = jax.tree_util.tree_map(jnp.add, base.weighted_task_mean(old_weight, xi),
-                                  base.weighted_task_mean(new_weight, eps))
+    xi = state.accumulator + eps
+    grad = base.weighted_task_mean(old_weight, xi) + base.weighted_task_mean(new_weight, eps)
     restarted = jnp.any(done, axis=0)
-    accumulator = jax.tree_util.tree_map(
-        lambda e, x: jnp.where(jnp.reshape(restarted, (-1,) + (1,) * (e.ndim - 1)), e, x),
-        eps, xi)
+    accumulator = jnp.where(restarted[:, None], eps, xi)
     mean_loss = base.masked_mean(jnp.mean(out.meta_loss, axis=1), valid)
-    next_state = PESState(pos_state=jax.tree_util.tree_map(lambda x: x[0], states),
-                          neg_state=jax.tree_util.tree_map(lambda x: x[1], states),
-                          accumulator=accumulator)
-    return base.finish(grad, mean_loss, out), next_state
+    estimate = base.finish(grad, mean_loss, out)
+    return estimate.replace(grad=unravel(estimate.grad)), PESState(pair=states,
+                                                                   accumulator=accumulator)
