@@ -63,6 +63,10 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from lopt_tpu import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize()  # before any other JAX call
+  from lopt_tpu import compile_cache  # pylint: disable=g-import-not-at-top
+  cache_dir = compile_cache.directory_for(_CONFIG.value.compilation_cache, _WORKDIR.value)
+  if cache_dir:
+    compile_cache.enable(cache_dir)  # before the first compilation
   from lopt_tpu import config_checks  # pylint: disable=g-import-not-at-top
   from lopt_tpu import train  # pylint: disable=g-import-not-at-top
 

@@ -91,7 +91,27 @@ def run_one(workload, devices, args):
       result = json.load(f)
   result.update(loadavg_before=list(load_before), loadavg_after=list(load_after),
                 subprocess_wall_s=wall, command=" ".join(cmd[1:-2]), git=git)
+  if args.warm_cache:
+    result["warm_cache"] = warm_cache_first_step(workload, devices, args)
   return result
+
+
+def warm_cache_first_step(workload, devices, args):
+  """Init and first-step seconds of a fresh process whose compilation cache is warm: one
+  process fills a new cache, a second one is timed (what a resumed run of main.py sees)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    runs = []
+    for name in ("fill", "warm"):
+      out = os.path.join(tmp, f"{name}.json")
+      cmd = [sys.executable, os.path.join(HERE, "measure.py"), "--workload", workload,
+             "--devices", str(devices), "--first_step_only", "--compilation_cache",
+             os.path.join(tmp, "cache"), "--out", out]
+      subprocess.run(cmd, env=child_env(devices), cwd=REPO, capture_output=True, text=True,
+                     timeout=args.timeout, check=True)
+      with open(out) as f:
+        runs.append(json.load(f))
+  return {"cold": {k: runs[0][k] for k in ("init_s", "first_step_s")},
+          "warm": {k: runs[1][k] for k in ("init_s", "first_step_s")}}
 
 
 def fmt_row(r):
@@ -129,7 +149,13 @@ def markdown(facts, results):
   notes += [f"{r['workload']} on {r['devices']} devices ran on git {describe_git(r['git'])}"
             for r in results if r["git"] != facts["git"]]
   lines += [f"Dataset of the MLP workloads: {d}" for d in datasets]
-  lines += [f"Note: {n}" for n in notes] + [""]
+  lines += [f"Note: {n}" for n in notes]
+  lines += [f"Compilation cache, {r['workload']} on {r['devices']} devices: first step "
+            f"{r['warm_cache']['warm']['first_step_s']:.2f} s with a warm cache (cold, same "
+            f"run: {r['warm_cache']['cold']['first_step_s']:.2f} s); init "
+            f"{r['warm_cache']['warm']['init_s']:.2f} s (cold {r['warm_cache']['cold']['init_s']:.2f} s)"
+            for r in results if r.get("warm_cache")]
+  lines += [""]
   lines += [
       "| workload | devices | s/outer step (median [p10–p90]) | inner steps/s | first step s "
       "| init s | peak GiB | GFLOP/s achieved | matmul GFLOP/s (cores) | % of matmul | PES/Adam "
@@ -149,6 +175,9 @@ def parse_args(argv=None):
   parser.add_argument("--warmup", type=int, default=5,
                       help="untimed outer steps after the first (compiling) one")
   parser.add_argument("--out", default=None, help="write all results here as JSON")
+  parser.add_argument("--warm_cache", action="store_true",
+                      help="also time init and the first step of a fresh process whose "
+                      "persistent compilation cache is warm (two more processes per row)")
   parser.add_argument("--timeout", type=float, default=3600,
                       help="seconds allowed per workload subprocess")
   args = parser.parse_args(argv)

@@ -25,6 +25,7 @@ import optax
 import adam_baseline
 import timing
 import lopt_tpu
+from lopt_tpu import compile_cache
 from lopt_tpu.outer import sharding
 from lopt_tpu.outer.estimators import base as est_base
 
@@ -155,16 +156,33 @@ def main():
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--out", required=True)
+  parser.add_argument("--compilation_cache", default="",
+                      help="persistent compilation cache directory (default: none)")
+  parser.add_argument("--first_step_only", action="store_true",
+                      help="only build, init and run one step: for warm-cache timings")
   args = parser.parse_args()
+  if args.compilation_cache:
+    compile_cache.enable(args.compilation_cache)
   if jax.device_count() != args.devices:
     raise SystemExit(f"expected {args.devices} devices, JAX sees {jax.device_count()}: "
                      "set XLA_FLAGS before JAX starts (bench.py does)")
   result = {"workload": args.workload, "devices": args.devices, "steps": args.steps,
             "warmup": args.warmup, "platform": jax.devices()[0].platform}
-  result.update(measure_pes(args))
+  result.update(first_step(args) if args.first_step_only else measure_pes(args))
   print(json.dumps(result, indent=1, sort_keys=True))
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1, sort_keys=True)
+
+
+def first_step(args):
+  """Seconds to init and to the first outer step's result, and nothing else."""
+  learner, _, _, _ = build(args.workload, args.devices)
+  key = jax.random.key(0)
+  t0 = time.perf_counter()
+  state = jax.block_until_ready(learner.init(key))
+  t1 = time.perf_counter()
+  jax.block_until_ready(learner.update(state, key)[1])
+  return {"init_s": t1 - t0, "first_step_s": time.perf_counter() - t1}
 
 
 def time_learner(args):

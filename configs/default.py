@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every = 10  # outer steps between metric writes
   config.checkpoint_every = 50  # outer steps between checkpoints (also saved at the end)
   config.keep_checkpoints = 3  # most recent checkpoints kept
+  # Persistent XLA compilation cache: "workdir" (<workdir>/compilation_cache), a directory, or
+  # "" (off). A resumed run then loads its compiled outer step instead of compiling it.
+  config.compilation_cache = "workdir"
 
   # Evaluation: learned optimizer vs Adam over a learning-rate sweep on held-out seeds.
   config.eval = ml_collections.ConfigDict()

@@ -95,6 +95,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
                  timeout=300)
   (s1, theta1), (s2, theta2) = _final_theta(straight, config), _final_theta(killed, config)
   assert s1 == s2 == 14
+  # The resumed run loaded its programs from the persistent compilation cache the killed run
+  # wrote (config.compilation_cache = "workdir"), and still matches bit for bit.
+  assert len(os.listdir(f"{killed}/compilation_cache")) >= 2
   for a, b in zip(jax.tree_util.tree_leaves(theta1), jax.tree_util.tree_leaves(theta2)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -118,19 +118,22 @@ class GradientLearner:
              key: Optional[jax.Array] = None) -> Tuple[GradientLearnerState, Dict[str, Any]]:
     """Averages the workers' gradients and takes one outer-optimizer step."""
     del key  # the outer update is deterministic; kept for interface symmetry
-    grads = worker_outputs[0].theta_grads
+    raw_grads = worker_outputs[0].theta_grads
     if len(worker_outputs) > 1:
-      grads = sum(w.theta_grads for w in worker_outputs) / len(worker_outputs)
-    grad_norm = jnp.linalg.norm(grads)
+      raw_grads = sum(w.theta_grads for w in worker_outputs) / len(worker_outputs)
+    grads = raw_grads
     if self.meta_grad_clip is not None:
-      grads = grads * jnp.minimum(1.0, self.meta_grad_clip / (grad_norm + 1e-12))
+      grad_norm = jnp.linalg.norm(raw_grads)
+      grads = raw_grads * jnp.minimum(1.0, self.meta_grad_clip / (grad_norm + 1e-12))
     _, unravel = jax.flatten_util.ravel_pytree(state.theta)
     updates, opt_state = self.theta_opt.update(unravel(grads), state.theta_opt_state,
                                                state.theta)
     theta = optax.apply_updates(state.theta, updates)
-    flat_norm = lambda tree: jnp.linalg.norm(jax.flatten_util.ravel_pytree(tree)[0])
-    metrics = {"theta_grad_norm": grad_norm, "theta_update_norm": flat_norm(updates),
-               "theta_norm": flat_norm(theta)}
+    # The three norms as one reduction over a [3, P] stack.
+    flat = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
+    stacked = jnp.stack([raw_grads, flat(updates), flat(theta)])
+    norms = jnp.sqrt(jnp.sum(jnp.square(stacked), axis=1))
+    metrics = {"theta_grad_norm": norms[0], "theta_update_norm": norms[1], "theta_norm": norms[2]}
     return GradientLearnerState(theta=theta, theta_opt_state=opt_state,
                                 step=state.step + 1), metrics
 
