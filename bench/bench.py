@@ -65,9 +65,11 @@ def child_env(devices):
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-  # >= 2 threads per fake device, else the CPU client's thread pool can deadlock
-  # (shared/notes/multihost_on_cpu.md); never fewer than the cores.
-  env["PJRT_NPROC"] = str(max(2 * devices, os.cpu_count() or 1))
+  # One pool thread per core (at least one per device), as main.py sets it: more threads than
+  # cores oversubscribe them. Fewer than 2 per device would deadlock steps dispatched without
+  # waiting (shared/notes/multihost_on_cpu.md), but the bench waits for every step, as
+  # main.py's loop does on several CPU devices (train.one_step_in_flight).
+  env["PJRT_NPROC"] = str(max(devices, os.cpu_count() or 1))
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   return env
 

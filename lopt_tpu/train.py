@@ -102,12 +102,27 @@ def theta_fingerprint(theta) -> str:
   return digest.hexdigest()[:16]
 
 
+def one_step_in_flight() -> bool:
+  """Whether the loop must wait for each outer step before dispatching the next.
+
+  On several XLA:CPU devices each device's part of a step runs on a thread of one shared pool.
+  With about one thread per core (what main.py sets, because more threads than cores cost ~30%
+  of the step time), two steps in flight can deadlock: a thread of step n+1 waits in an
+  all-reduce for a device whose step-n work finds no free thread (XLA aborts after 40 s).
+  Waiting costs nothing measurable: dispatching a step takes well under 1% of running it.
+  """
+  return jax.default_backend() == "cpu" and jax.local_device_count() > 1
+
+
 def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, ckpt, stop,
           workdir):
   total, count, t0 = None, 0, time.perf_counter()
   step = start
+  wait = one_step_in_flight()
   for step in range(start + 1, config.num_outer_steps + 1):
     state, loss, metrics = exp.learner.update(state, train_key)
+    if wait:
+      jax.block_until_ready(loss)
     total = _accumulate(total, dict(metrics, meta_loss=loss))
     count += 1
     report(step)

@@ -20,7 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _env():
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's plain run
+  # A user's plain run: main.py picks the CPU devices (one per core) and their threads.
+  env.pop("XLA_FLAGS", None)
+  env.pop("PJRT_NPROC", None)
   env["TF_CPP_MIN_LOG_LEVEL"] = "3"
   env["PYTHONPATH"] = ROOT
   return env

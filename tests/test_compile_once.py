@@ -48,3 +48,21 @@ def test_pes_outer_step_compiles_once():
     logger.removeHandler(counter)
   assert len(first) == 1, first  # the whole outer step is one program
   assert counter.messages == first, counter.messages[1:]  # and later steps reuse it
+
+
+def test_outer_step_compiles_with_cpu_options_and_also_nests_in_user_jits():
+  """At top level the step is compiled with `compile_options()` (LLVM -O2 on CPU); traced
+  inside a user's jit, where XLA options are not allowed, it is the plain jit."""
+  lopt = mlp_lopt.MLPLOpt()
+  unroll = unroll_lib.TruncatedUnroll(quadratics.FixedDimQuadraticFamily(4), lopt,
+                                      truncation.LogUniformLengthSchedule(20, 40), 2, 40)
+  trainer = gradient_learner.SingleMachineGradientLearner(
+      lopt, [pes.TruncatedPES(unroll, trunc_length=3)], optax.adam(1e-3))
+  key = jax.random.key(0)
+  state = jax.jit(trainer.init)(key)  # nested: init's own jit is traced inside this one
+  if jax.default_backend() == "cpu":
+    assert gradient_learner.compile_options() == {"xla_backend_optimization_level": 2}
+  state, loss, _ = trainer.update(state, key)  # top level: compiled with the options
+  assert loss.shape == ()
+  shapes = jax.eval_shape(lambda s, k: trainer.update(s, k)[1], state, key)
+  assert shapes.shape == ()

@@ -138,6 +138,35 @@ class GradientLearner:
                                 step=state.step + 1), metrics
 
 
+def compile_options() -> Optional[Dict[str, Any]]:
+  """XLA options for the outer step's programs on the default backend.
+
+  On CPU, LLVM at -O2 instead of -O3: the outer step compiles ~14% faster (CPU seconds, A/B of
+  the same Part 5 program in one process) and runs as fast (part5 28.2 vs 28.8 ms, mlp32 211
+  vs 214 ms, mlp128 0.91 vs 0.92 s); nothing changes elsewhere.
+  """
+  if jax.default_backend() == "cpu":
+    return {"xla_backend_optimization_level": 2}
+  return None
+
+
+class _TopLevelJit:
+  """`jax.jit(fun, **kwargs)` compiled with `compile_options()` when called from Python; traced
+  inside another jit (or `eval_shape`), where XLA options cannot be set, it is the plain jit.
+  Attribute access (`lower`, `trace`, ...) goes to the top-level version."""
+
+  def __init__(self, fun, **kwargs):
+    self._top = jax.jit(fun, compiler_options=compile_options(), **kwargs)
+    self._nested = jax.jit(fun, **kwargs)
+
+  def __call__(self, *args, **kwargs):
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args))
+    return (self._nested if traced else self._top)(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._top, name)
+
+
 @flax.struct.dataclass
 class SingleMachineState:
   gradient_learner_state: GradientLearnerState
@@ -168,7 +197,8 @@ class SingleMachineGradientLearner:
     if mesh is not None:
       for est in self.estimators:
         sharding.check_divisible(est.unroll.num_tasks, mesh)
-    self._update = jax.jit(self._update_impl, static_argnames="with_metrics", donate_argnums=0)
+    self._update = _TopLevelJit(self._update_impl, static_argnames="with_metrics",
+                                donate_argnums=0)
 
   def _init_impl(self, key):
     k_theta, k_workers = jax.random.split(key)
@@ -180,13 +210,13 @@ class SingleMachineGradientLearner:
   def init(self, key: jax.Array) -> SingleMachineState:
     """Theta plus every estimator's inner runs; with a mesh, built already sharded."""
     if self.mesh is None:
-      return jax.jit(self._init_impl)(key)
+      return _TopLevelJit(self._init_impl)(key)
     shapes = jax.eval_shape(self._init_impl, key)
     shardings = SingleMachineState(
         sharding.tree_of(shapes.gradient_learner_state, sharding.replicated(self.mesh)),
         jax.tree_util.tree_map(lambda spec: jax.sharding.NamedSharding(self.mesh, spec),
                                self._state_specs(shapes.gradient_estimator_states)))
-    return jax.jit(self._init_impl, out_shardings=shardings)(key)
+    return _TopLevelJit(self._init_impl, out_shardings=shardings)(key)
 
   def _state_specs(self, estimator_states):
     """Each estimator's `state_partition_specs`: where its states keep the task axis."""
