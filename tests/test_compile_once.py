@@ -25,12 +25,16 @@ class _CompileCounter(logging.Handler):
       self.messages.append(msg)
 
 
-def test_pes_outer_step_compiles_once():
+def _trainer(dim, num_tasks, trunc_length):
   lopt = mlp_lopt.MLPLOpt()
-  unroll = unroll_lib.TruncatedUnroll(quadratics.FixedDimQuadraticFamily(10), lopt,
-                                      truncation.LogUniformLengthSchedule(20, 40), 4, 40)
-  trainer = gradient_learner.SingleMachineGradientLearner(
-      lopt, [pes.TruncatedPES(unroll, trunc_length=5)], optax.adam(1e-3))
+  unroll = unroll_lib.TruncatedUnroll(quadratics.FixedDimQuadraticFamily(dim), lopt,
+                                      truncation.LogUniformLengthSchedule(20, 40), num_tasks, 40)
+  return gradient_learner.SingleMachineGradientLearner(
+      lopt, [pes.TruncatedPES(unroll, trunc_length=trunc_length)], optax.adam(1e-3))
+
+
+def test_pes_outer_step_compiles_once():
+  trainer = _trainer(10, 4, 5)
   key = jax.random.key(0)
   state = jax.jit(trainer.init)(key)
   counter = _CompileCounter()
@@ -53,11 +57,7 @@ def test_pes_outer_step_compiles_once():
 def test_outer_step_compiles_with_cpu_options_and_also_nests_in_user_jits():
   """At top level the step is compiled with `compile_options()` (LLVM -O2 on CPU); traced
   inside a user's jit, where XLA options are not allowed, it is the plain jit."""
-  lopt = mlp_lopt.MLPLOpt()
-  unroll = unroll_lib.TruncatedUnroll(quadratics.FixedDimQuadraticFamily(4), lopt,
-                                      truncation.LogUniformLengthSchedule(20, 40), 2, 40)
-  trainer = gradient_learner.SingleMachineGradientLearner(
-      lopt, [pes.TruncatedPES(unroll, trunc_length=3)], optax.adam(1e-3))
+  trainer = _trainer(4, 2, 3)
   key = jax.random.key(0)
   state = jax.jit(trainer.init)(key)  # nested: init's own jit is traced inside this one
   if jax.default_backend() == "cpu":
