@@ -398,7 +398,9 @@ def test_local_multihost_failure_ends_the_others(tmp_path):
 
 
 def test_local_multihost_deadline(tmp_path):
-  result, outs, seconds = _multihost(tmp_path, "sleep,sleep", TIMEOUT="1")
+  # TIMEOUT=3, not 1: bash's SECONDS is whole seconds, so a 1 s deadline can fire within
+  # milliseconds, before the second process has opened its log (seen once under CI load).
+  result, outs, seconds = _multihost(tmp_path, "sleep,sleep", TIMEOUT="3")
   assert result.returncode == 124 and "deadline" in result.stderr
   assert seconds < 30 and not any(_alive(o["pid"]) for o in outs)
 
