@@ -51,9 +51,9 @@ def _one_cpu_device_per_core(config):
   if count > 1:
     os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={count}"
     # One pool thread per core: more threads than cores oversubscribe them (Part 5 on 2 cores:
-    # 48 ms a step with 4 threads, 34 ms with 2). So few threads can deadlock two steps that
-    # are in flight at once (their all-reduces wait on each other), which is why the training
-    # loop then waits for each step (`train.one_step_in_flight`).
+    # 48 ms a step with 4 threads, 34 ms with 2). With this few threads, two steps in flight
+    # at once can deadlock (their all-reduces wait on each other), so the training loop waits
+    # for each step (`train.one_step_in_flight`).
     os.environ.setdefault("PJRT_NPROC", str(max(count, os.cpu_count() or 1)))
 
 

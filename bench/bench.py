@@ -74,13 +74,18 @@ def child_env(devices):
   return env
 
 
+def measure_command(workload, devices, out, *options):
+  """The command line running measure.py on one (workload, device count); `--out` comes last."""
+  return [sys.executable, os.path.join(HERE, "measure.py"), "--workload", workload,
+          "--devices", str(devices), *options, "--out", out]
+
+
 def run_one(workload, devices, args):
   """Runs measure.py in a fresh process; returns its result plus load averages and wall time."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "result.json")
-    cmd = [sys.executable, os.path.join(HERE, "measure.py"), "--workload", workload,
-           "--devices", str(devices), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--out", out]
+    cmd = measure_command(workload, devices, out, "--steps", str(args.steps), "--warmup",
+                          str(args.warmup))
     git, load_before, t0 = git_state(), os.getloadavg(), time.perf_counter()
     proc = subprocess.run(cmd, env=child_env(devices), cwd=REPO, capture_output=True,
                           text=True, timeout=args.timeout, check=False)
@@ -105,9 +110,8 @@ def warm_cache_first_step(workload, devices, args):
     runs = []
     for name in ("fill", "warm"):
       out = os.path.join(tmp, f"{name}.json")
-      cmd = [sys.executable, os.path.join(HERE, "measure.py"), "--workload", workload,
-             "--devices", str(devices), "--first_step_only", "--compilation_cache",
-             os.path.join(tmp, "cache"), "--out", out]
+      cmd = measure_command(workload, devices, out, "--first_step_only",
+                            "--compilation_cache", os.path.join(tmp, "cache"))
       subprocess.run(cmd, env=child_env(devices), cwd=REPO, capture_output=True, text=True,
                      timeout=args.timeout, check=True)
       with open(out) as f:
