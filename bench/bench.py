@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,24 +99,41 @@ def run_one(workload, devices, args):
       result = json.load(f)
   result.update(loadavg_before=list(load_before), loadavg_after=list(load_after),
                 subprocess_wall_s=wall, command=" ".join(cmd[1:-2]), git=git)
+  if args.first_step_repeats:
+    result["first_step_repeats_s"] = [
+        first_step_only(workload, devices, args)["first_step_s"]
+        for _ in range(args.first_step_repeats)]
   if args.warm_cache:
     result["warm_cache"] = warm_cache_first_step(workload, devices, args)
   return result
+
+
+def first_step_only(workload, devices, args, *options):
+  """measure.py --first_step_only in a fresh process: its init and first-step seconds."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "first.json")
+    cmd = measure_command(workload, devices, out, "--first_step_only", *options)
+    subprocess.run(cmd, env=child_env(devices), cwd=REPO, capture_output=True, text=True,
+                   timeout=args.timeout, check=True)
+    with open(out) as f:
+      return json.load(f)
+
+
+def first_step_cell(r):
+  """The first step's seconds; with repeats, their median and range over all processes."""
+  times = [r["first_step_s"]] + r.get("first_step_repeats_s", [])
+  if len(times) == 1:
+    return f"{times[0]:.2f}"
+  return f"{statistics.median(times):.2f} [{min(times):.2f}–{max(times):.2f}]"
 
 
 def warm_cache_first_step(workload, devices, args):
   """Init and first-step seconds of a fresh process whose compilation cache is warm: one
   process fills a new cache, a second one is timed (what a resumed run of main.py sees)."""
   with tempfile.TemporaryDirectory() as tmp:
-    runs = []
-    for name in ("fill", "warm"):
-      out = os.path.join(tmp, f"{name}.json")
-      cmd = measure_command(workload, devices, out, "--first_step_only",
-                            "--compilation_cache", os.path.join(tmp, "cache"))
-      subprocess.run(cmd, env=child_env(devices), cwd=REPO, capture_output=True, text=True,
-                     timeout=args.timeout, check=True)
-      with open(out) as f:
-        runs.append(json.load(f))
+    cache = os.path.join(tmp, "cache")
+    runs = [first_step_only(workload, devices, args, "--compilation_cache", cache)
+            for _ in ("fill", "warm")]
   return {"cold": {k: runs[0][k] for k in ("init_s", "first_step_s")},
           "warm": {k: runs[1][k] for k in ("init_s", "first_step_s")}}
 
@@ -127,7 +145,7 @@ def fmt_row(r):
   load = f"{r['loadavg_before'][0]:.2f}→{r['loadavg_after'][0]:.2f}"
   return (f"| {r['workload']} | {r['devices']}"
           f" | {s['median']:.4g} [{s['p10']:.4g}–{s['p90']:.4g}]"
-          f" | {r['inner_steps_per_s']:,.0f} | {r['first_step_s']:.2f} | {r['init_s']:.2f}"
+          f" | {r['inner_steps_per_s']:,.0f} | {first_step_cell(r)} | {r['init_s']:.2f}"
           f" | {r['peak_rss_gib']:.2f} | {r['achieved_gflops']:.2f}"
           f" | {r['matmul_gflops']:.1f} ({r['matmul_s']['cores_busy']:.1f})"
           f" | {r['pct_of_matmul']:.1f} | {r['pes_over_adam']:.1f} | {r['cores_busy']:.2f}"
@@ -184,6 +202,9 @@ def parse_args(argv=None):
   parser.add_argument("--warm_cache", action="store_true",
                       help="also time init and the first step of a fresh process whose "
                       "persistent compilation cache is warm (two more processes per row)")
+  parser.add_argument("--first_step_repeats", type=int, default=0,
+                      help="time the first step in this many more fresh processes (cold, no "
+                      "compilation cache); the table then shows the median [min-max]")
   parser.add_argument("--timeout", type=float, default=3600,
                       help="seconds allowed per workload subprocess")
   args = parser.parse_args(argv)
@@ -192,8 +213,10 @@ def parse_args(argv=None):
   if unknown:
     parser.error(f"unknown workloads {unknown}; known: {', '.join(KNOWN_WORKLOADS)}")
   args.devices = [int(d) for d in args.devices.split(",")]
-  if args.steps < 1 or args.warmup < 0 or min(args.devices) < 1:
-    parser.error("need --steps >= 1, --warmup >= 0 and device counts >= 1")
+  if (args.steps < 1 or args.warmup < 0 or min(args.devices) < 1
+      or args.first_step_repeats < 0):
+    parser.error("need --steps >= 1, --warmup >= 0, --first_step_repeats >= 0 and device "
+                 "counts >= 1")
   return args
 
 
