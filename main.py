@@ -62,7 +62,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _one_cpu_device_per_core(_CONFIG.value)
-  # Imported here so --help and flag errors stay fast (JAX and TF load in ~5 s).
+  # Imported here so --help and flag errors stay fast (JAX and the library load in ~1 s; TF,
+  # for the TensorBoard writer, only once training starts).
   import jax  # pylint: disable=g-import-not-at-top
   from lopt_tpu import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize()  # before any other JAX call

@@ -12,8 +12,6 @@ import time
 from typing import Any, Dict
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 import jax
 import numpy as np
 
@@ -67,6 +65,9 @@ def train_and_evaluate(config, workdir: str) -> Any:
   """
   config_checks.validate(config, workdir)
   exp = experiment.build(config)
+  # clu's writers load TensorFlow (~3 s here): imported only once the config, the data and the
+  # workdir have passed, so that those errors are reported without the wait.
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.keep_checkpoints)
@@ -182,6 +183,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   if not step:
     raise config_checks.ConfigError(f"--workdir={workdir!r} holds no checkpoint to evaluate; "
                                     "train first (--mode=train)")
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top (see train_and_evaluate)
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=jax.process_index() != 0)
   learned_opt = experiment.build_learned_optimizer(config)

@@ -133,6 +133,18 @@ def test_bad_config_fails_with_one_clear_line(tmp_path, override, field):
   assert marker.read_text() == "x" and sorted(os.listdir(workdir / "checkpoints")) == ["keep_me"]
 
 
+def test_a_config_error_is_reported_before_tensorflow_loads(tmp_path):
+  # TensorFlow (clu's TensorBoard writer) takes ~3 s to import; a bad config must not wait.
+  result = subprocess.run([sys.executable, "-X", "importtime",
+                           *_main(str(tmp_path / "work"), "--config.estimator.num_tasks=0")[1:]],
+                          env=_env(), capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  imported = [l.rsplit("|", 1)[-1].strip() for l in result.stderr.splitlines()
+              if l.startswith("import time:")]
+  assert "jax" in imported  # the import log is there at all
+  assert not [m for m in imported if m.split(".")[0] in ("tensorflow", "clu")]
+
+
 def test_unloadable_data_fails_with_one_clear_line(tmp_path):
   config_file = tmp_path / "fmnist_offline.py"
   config_file.write_text(
