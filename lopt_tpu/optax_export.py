@@ -8,7 +8,9 @@ This is how a user trains *their own* model with a learned optimizer, in a stand
   params = optax.apply_updates(params, updates)
 
 The inner `Optimizer` returns new params rather than updates, so the update is
-`new_params - params`. The params the caller passes are put into the inner state before every
+`new_params - params`, computed in at least float32: for bfloat16/float16 params the update is
+float32, because their difference rounded to the params' precision would no longer add up to
+the new params (`optax.apply_updates` adds in float32 and casts back, giving them exactly). The params the caller passes are put into the inner state before every
 step (the inner state does not keep its own copy between steps), which keeps the result correct
 when the transformation is chained after others (e.g. gradient clipping) or when the caller
 changes params between steps. The reverse direction (optax -> inner Optimizer) is
@@ -18,6 +20,7 @@ changes params between steps. The reverse direction (optax -> inner Optimizer) i
 from typing import Any, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lopt_tpu.learned_optimizers import base as lopt_base
@@ -33,6 +36,12 @@ def _with_params(inner_state, params):
   if hasattr(inner_state, "replace"):
     return inner_state.replace(params=params)
   return inner_state._replace(params=params)
+
+
+def _difference(new, old):
+  """new - old, exact enough that old + (new - old) rounds back to new in old's dtype."""
+  dtype = jnp.promote_types(jnp.result_type(old), jnp.float32)
+  return new.astype(dtype) - jnp.asarray(old).astype(dtype)
 
 
 def as_optax(learned_opt: lopt_base.LearnedOptimizer, theta: Any,
@@ -71,7 +80,7 @@ def as_optax(learned_opt: lopt_base.LearnedOptimizer, theta: Any,
     key = jax.random.fold_in(step_key, inner.iteration)
     inner = opt.update(inner, updates, loss=value, key=key)
     new_params = opt.get_params(inner)
-    step = jax.tree_util.tree_map(lambda n, p: (n - p).astype(p.dtype), new_params, params)
+    step = jax.tree_util.tree_map(_difference, new_params, params)
     return step, LearnedOptaxState(inner=_with_params(inner, None))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

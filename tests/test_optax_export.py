@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from lopt_tpu import optax_export
+from lopt_tpu import registry
 from lopt_tpu.learned_optimizers import hparam_controller
 from lopt_tpu.learned_optimizers import meta_sgd
 from lopt_tpu.learned_optimizers import mlp_lopt
@@ -180,3 +181,25 @@ def test_example_trains_a_flax_cnn_on_digits():
   assert abs(losses[0] - np.log(10.)) < 0.3
   assert np.mean(losses[-10:]) < 0.7 * losses[0]
   assert out["valid_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("name", ["mlp_lopt", "hypergrad_adam"])
+def test_bfloat16_params_take_exactly_the_inner_optimizers_steps(name):
+  # A bf16 update new - params would be rounded twice (once as the difference, once when
+  # added): the export must reproduce the inner optimizer's bf16 params bit for bit.
+  lopt = registry.get("learned optimizer", name)()
+  theta = lopt.init(jax.random.key(0))
+  params = {"w": (0.02 * jax.random.normal(jax.random.key(1), [4000])).astype(jnp.bfloat16)}
+  grad_of = lambda p, t: {"w": jax.random.normal(jax.random.fold_in(jax.random.key(2), t),
+                                                 [4000]).astype(jnp.bfloat16)}
+  opt = lopt.opt_fn(theta, is_training=False)
+  state = opt.init(params)
+  tx = optax_export.as_optax(lopt, theta)
+  tx_state, tx_params = tx.init(params), params
+  for t in range(5):
+    state = opt.update(state, grad_of(opt.get_params(state), t))
+    updates, tx_state = tx.update(grad_of(tx_params, t), tx_state, tx_params)
+    tx_params = optax.apply_updates(tx_params, updates)
+    assert tx_params["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(tx_params["w"], np.float32),
+                                  np.asarray(opt.get_params(state)["w"], np.float32))
