@@ -10,10 +10,11 @@ This is how a user trains *their own* model with a learned optimizer, in a stand
 The inner `Optimizer` returns new params rather than updates, so the update is
 `new_params - params`, computed in at least float32: for bfloat16/float16 params the update is
 float32, because their difference rounded to the params' precision would no longer add up to
-the new params (`optax.apply_updates` adds in float32 and casts back, giving them exactly). The params the caller passes are put into the inner state before every
-step (the inner state does not keep its own copy between steps), which keeps the result correct
-when the transformation is chained after others (e.g. gradient clipping) or when the caller
-changes params between steps. The reverse direction (optax -> inner Optimizer) is
+the new params (`optax.apply_updates` adds in float32 and casts back, giving them exactly).
+The params the caller passes are put into the inner state before every step (the inner state
+does not keep its own copy between steps), which keeps the result correct when the
+transformation is chained after others (e.g. gradient clipping) or when the caller changes
+params between steps. The reverse direction (optax -> inner Optimizer) is
 `lopt_tpu.optimizers.base.OptaxOptimizer`.
 """
 
