@@ -13,6 +13,7 @@ import pytest
 from lopt_tpu.learned_optimizers import meta_sgd
 from lopt_tpu.outer import truncation
 from lopt_tpu.outer import unroll as unroll_lib
+from lopt_tpu.outer.estimators import base
 from lopt_tpu.outer.estimators import full
 from lopt_tpu.outer.estimators import pes
 from lopt_tpu.outer.estimators import truncated
@@ -164,3 +165,56 @@ def test_diverging_inner_runs_never_reach_theta(make):
     assert np.isfinite(float(out.mean_loss))
     diverged += float(out.metrics["diverged_frac"])
   assert diverged > 0  # the inner runs really did blow up
+
+
+def test_per_task_meta_loss_is_nan_when_nothing_is_valid():
+  loss = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, jnp.nan]])  # [steps, T]
+  valid = jnp.array([[True, False, True], [True, False, False]])
+  avg = base.per_task_meta_loss(loss, valid, "average")
+  last = base.per_task_meta_loss(loss, valid, "last")
+  np.testing.assert_allclose(avg[0], 2.5)
+  assert np.isnan(avg[1]) and np.isnan(last[1]) and np.isnan(last[2])
+  np.testing.assert_allclose([avg[2], last[0]], [3.0, 4.0])
+
+
+class _SometimesDivergingFamily(tasks_base.TaskFamily):
+  """Quadratics of curvature 1 or (with probability 1/2) 1000: at lr 0.1, SGD multiplies the
+  latter's distance to the target by 99 a step, so within 20 steps it overflows to inf."""
+
+  name = "sometimes_diverging"
+
+  def sample(self, key):
+    return {"scale": jnp.where(jax.random.uniform(key) < 0.5, 1000.0, 1.0)}
+
+  def task_fn(self, task_params):
+    return quadratics.QuadraticTask(2, target=jnp.ones(2),
+                                    scale=jnp.full([2], task_params["scale"]))
+
+
+@pytest.mark.parametrize("make,some_dropped", [(lambda u: full.FullGrad(u, 20), True),
+                                               (lambda u: truncated.TruncatedGrad(u, 10), False)])
+def test_a_diverging_task_only_drops_its_own_gradient(make, some_dropped):
+  # Before: one NaN task made every gradient entry NaN (0 * NaN in the shared backward pass),
+  # and sanitizing then zeroed the whole gradient. Now the gradient is the mean over tasks of
+  # each task's own gradient, a diverged task counting as zero: the same as running every task
+  # alone (its randomness depends on its global index only) and averaging. (TruncatedGrad's
+  # runs restart when they diverge, so its huge gradients here stay finite: nothing dropped.)
+  num_tasks = 6
+  lopt = meta_sgd.MetaSGDWD(initial_lr=0.1, initial_wd=1e-3)
+  unroll = lambda n: unroll_lib.TruncatedUnroll(_SometimesDivergingFamily(), lopt,
+                                                truncation.ConstantTruncationSchedule(20), n)
+  theta = lopt.init(jax.random.key(0))
+  est = make(unroll(num_tasks))
+  out, _ = jax.jit(est.compute_gradient_estimate)(
+      theta, est.init_worker_state(theta, jax.random.key(1)), jax.random.key(2))
+  alone = []
+  for i in range(num_tasks):
+    one = make(unroll(1))
+    state = one.init_worker_state(theta, jax.random.key(1), task_index=jnp.array([i]))
+    alone.append(_vec(jax.jit(one.compute_gradient_estimate)(theta, state,
+                                                             jax.random.key(2))[0].grad))
+  dropped = [not np.any(g) for g in alone]
+  assert (0 < sum(dropped) < num_tasks) == some_dropped, alone
+  assert float(out.metrics["diverged_frac"]) > 0
+  np.testing.assert_allclose(_vec(out.grad), np.mean(alone, axis=0), rtol=1e-4)
+  assert np.all(np.isfinite(_vec(out.grad))) and np.any(_vec(out.grad))

@@ -110,10 +110,40 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
 
 
 def per_task_meta_loss(meta_loss: jax.Array, valid: jax.Array, loss_type: str) -> jax.Array:
-  """Reduces [steps, T] losses to [T]: the average over the run, or the last step's loss."""
+  """Reduces [steps, T] losses to [T]: the average over the valid steps, or the last step's loss.
+
+  NaN where there is nothing valid to reduce (no valid step; or, for "last", an invalid last
+  step, as a diverged run's is), so that callers drop that task instead of scoring it 0.
+  """
   if loss_type == "average":
-    return masked_mean(meta_loss, valid, axis=0)
-  return jnp.where(valid[-1], meta_loss[-1], 0.0)
+    return jnp.where(jnp.any(valid, axis=0), masked_mean(meta_loss, valid, axis=0), jnp.nan)
+  return jnp.where(valid[-1], meta_loss[-1], jnp.nan)
+
+
+def per_task_copies(theta, num_tasks: int):
+  """theta with leading [1, T] (sample, task) axes: differentiating with respect to one copy
+  per task gives every task's own gradient, which a diverged task cannot poison (its NaNs stay
+  in its own copy, where 0 * NaN in a shared backward pass would spread them to all)."""
+  return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (1, num_tasks) + jnp.shape(x)),
+                                theta)
+
+
+def mean_of_finite_tasks(per_task_grads, per_task_loss: jax.Array):
+  """Mean over the T tasks of [T, ...] gradients, a task with a non-finite loss or gradient
+  counted as zero (the denominator stays T, so equal shards still combine exactly by `pmean`).
+
+  Returns (grad, ok [T] bool, fraction of gradient entries that were non-finite).
+  """
+  leaves = jax.tree_util.tree_leaves(per_task_grads)
+  finite = [jnp.all(jnp.isfinite(jnp.reshape(g, (g.shape[0], -1))), axis=1) for g in leaves]
+  ok = jnp.isfinite(per_task_loss) & jnp.all(jnp.stack(finite), axis=0)
+  bad = sum(jnp.sum(~jnp.isfinite(g)) for g in leaves) / max(sum(g.size for g in leaves), 1)
+
+  def mean(g):
+    keep = jnp.reshape(ok, ok.shape + (1,) * (g.ndim - 1))
+    return jnp.mean(jnp.where(keep, g, 0.0), axis=0)
+
+  return jax.tree_util.tree_map(mean, per_task_grads), ok, bad
 
 
 def sanitize_grad(grad):
@@ -138,8 +168,11 @@ def step_metrics(out: unroll_lib.StepOut) -> Dict[str, jax.Array]:
   }
 
 
-def finish(grad, mean_loss, out: unroll_lib.StepOut) -> GradientEstimate:
+def finish(grad, mean_loss, out: unroll_lib.StepOut, nonfinite_frac=None) -> GradientEstimate:
+  """Sanitizes the gradient and adds the step metrics. `nonfinite_frac`: the fraction of
+  non-finite gradient entries when the caller already removed them (default: `grad`'s)."""
   grad, bad = sanitize_grad(grad)
   metrics = step_metrics(out)
-  metrics["nonfinite_grad_frac"] = jnp.asarray(bad, jnp.float32)
+  metrics["nonfinite_grad_frac"] = jnp.asarray(bad if nonfinite_frac is None else nonfinite_frac,
+                                               jnp.float32)
   return GradientEstimate(grad=grad, mean_loss=mean_loss, metrics=metrics)

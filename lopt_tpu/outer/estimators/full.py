@@ -34,7 +34,9 @@ class _FullEpisode(base.GradientEstimator):
     return FullEpisodeState(task_index=base.default_task_index(self.unroll, task_index))
 
   def _episode(self, thetas, key, task_index, thetas_batched):
-    """Runs fresh episodes; `thetas` has [S, T] axes when batched. Returns per-task losses."""
+    """Runs fresh episodes; `thetas` has [S, T] axes when batched. Returns their StepOut.
+
+    Runs never restart, so a run that diverges stays invalid to the end of the episode."""
     k_init, k_unroll = jax.random.split(key)
     if thetas_batched:
       init = jax.vmap(lambda th: self.unroll.init_states(th, k_init, task_index, offset=0,
@@ -45,13 +47,21 @@ class _FullEpisode(base.GradientEstimator):
           self.unroll.init_states(thetas, k_init, task_index, offset=0))
     _, out = self.unroll.unroll(thetas, states, k_unroll, self.num_steps,
                                 thetas_batched=thetas_batched, allow_restart=False)
-    per_task = jax.vmap(base.per_task_meta_loss, in_axes=(1, 1, None), out_axes=0)(
-        out.meta_loss, out.valid, self.loss_type)  # [S, T]
-    return per_task, out
+    return out
+
+  def _per_task_loss(self, out, valid):
+    """[S, T] meta-losses of the episodes in `out`, over the [K, T] steps `valid` allows."""
+    return jax.vmap(base.per_task_meta_loss, in_axes=(1, None, None))(out.meta_loss, valid,
+                                                                      self.loss_type)
 
 
 class FullGrad(_FullEpisode):
-  """Backpropagation through the entire inner run (exact gradient; memory grows with it)."""
+  """Backpropagation through the entire inner run (exact gradient; memory grows with it).
+
+  The gradient is the mean over tasks of each task's own gradient (one copy of theta per
+  task); a task whose run diverged (non-finite loss or gradient) counts as zero, so it cannot
+  wipe out the others' gradients.
+  """
 
   name = "full_grad"
 
@@ -60,12 +70,16 @@ class FullGrad(_FullEpisode):
     return self.num_steps * self.unroll.num_tasks
 
   def compute_gradient_estimate(self, theta, state, key):
-    def loss_fn(theta):
-      per_task, out = self._episode(theta, key, state.task_index, thetas_batched=False)
-      return jnp.mean(per_task), out
+    def total_loss(thetas):  # thetas: [1, T] copies
+      out = self._episode(thetas, key, state.task_index, thetas_batched=True)
+      per_task = self._per_task_loss(out, out.valid[:, 0])[0]  # [T]
+      return jnp.sum(per_task), (per_task, out)
 
-    (loss, out), grad = jax.value_and_grad(loss_fn, has_aux=True)(theta)
-    return base.finish(grad, loss, out), state
+    thetas = base.per_task_copies(theta, state.task_index.shape[0])
+    (_, (per_task, out)), grads = jax.value_and_grad(total_loss, has_aux=True)(thetas)
+    grad, ok, bad = base.mean_of_finite_tasks(jax.tree_util.tree_map(lambda g: g[0], grads),
+                                              per_task)
+    return base.finish(grad, base.masked_mean(per_task, ok), out, nonfinite_frac=bad), state
 
 
 class FullES(_FullEpisode):
@@ -74,6 +88,10 @@ class FullES(_FullEpisode):
   grad = mean_i eps_i * (L(theta + eps_i) - L(theta - eps_i)) / (2 std^2), eps_i ~ N(0, std^2):
   an unbiased estimate of the gradient of the Gaussian-smoothed meta-loss, which needs no
   backpropagation and tolerates chaotic or non-differentiable inner training.
+
+  Both runs of a pair are scored on the same steps: those where neither has diverged (as in
+  TruncatedPES). A pair with no such step ("average") or whose last step is invalid ("last")
+  adds nothing to the gradient.
   """
 
   name = "full_es"
@@ -91,8 +109,9 @@ class FullES(_FullEpisode):
   def compute_gradient_estimate(self, theta, state, key):
     k_eps, k_run = jax.random.split(key)
     eps = base.sample_perturbations(theta, k_eps, state.task_index, self.std)
-    per_task, out = self._episode(base.antithetic_thetas(theta, eps), k_run, state.task_index,
-                                  thetas_batched=True)
+    out = self._episode(base.antithetic_thetas(theta, eps), k_run, state.task_index,
+                        thetas_batched=True)
+    per_task = self._per_task_loss(out, out.valid[:, 0] & out.valid[:, 1])  # [2, T]
     both = jnp.isfinite(per_task[0]) & jnp.isfinite(per_task[1])
     delta = jnp.where(both, per_task[0] - per_task[1], 0.0)
     grad = base.weighted_task_mean(delta / (2 * self.std ** 2), eps)

@@ -38,22 +38,29 @@ class _Truncated(base.GradientEstimator):
 
 
 class TruncatedGrad(_Truncated):
-  """Truncated backpropagation through time: the exact gradient of this truncation's mean
-  meta-loss with the starting state held fixed."""
+  """Truncated backpropagation through time: the exact gradient of this truncation's meta-loss
+  (each task's mean over its valid steps, averaged over tasks) with the starting state held
+  fixed. Each task's gradient is its own (one copy of theta per task): a task with a
+  non-finite loss or gradient counts as zero instead of poisoning the others, and the mean over
+  tasks splits exactly over devices."""
 
   name = "truncated_grad"
 
   def compute_gradient_estimate(self, theta, state, key):
     start = base.add_sample_axis(jax.lax.stop_gradient(state.unroll_state))
 
-    def loss_fn(theta):
-      states, out = self.unroll.unroll(theta, start, key, self.trunc_length,
-                                       thetas_batched=False)
-      return base.masked_mean(out.meta_loss, out.valid), (states, out)
+    def total_loss(thetas):  # thetas: [1, T] copies
+      states, out = self.unroll.unroll(thetas, start, key, self.trunc_length)
+      per_task = base.per_task_meta_loss(out.meta_loss[:, 0], out.valid[:, 0], "average")
+      return jnp.sum(per_task), (per_task, states, out)
 
-    (loss, (states, out)), grad = jax.value_and_grad(loss_fn, has_aux=True)(theta)
+    thetas = base.per_task_copies(theta, state.unroll_state.task_index.shape[0])
+    (_, (per_task, states, out)), grads = jax.value_and_grad(total_loss, has_aux=True)(thetas)
+    grad, ok, bad = base.mean_of_finite_tasks(jax.tree_util.tree_map(lambda g: g[0], grads),
+                                              per_task)
     next_state = TruncatedState(jax.tree_util.tree_map(lambda x: x[0], states))
-    return base.finish(grad, loss, out), next_state
+    return (base.finish(grad, base.masked_mean(per_task, ok), out, nonfinite_frac=bad),
+            next_state)
 
 
 class TruncatedES(_Truncated):
