@@ -85,6 +85,9 @@ def main(argv):
   except config_checks.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except train.NonFiniteError as e:  # the message says what was kept and what to change
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

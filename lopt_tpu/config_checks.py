@@ -4,6 +4,8 @@ Each problem becomes one `ConfigError` whose message names the field, the bad va
 accepted, so a user's mistake ends the run with one clear line instead of a traceback.
 """
 
+import json
+import math
 import os
 import tempfile
 
@@ -29,6 +31,17 @@ def _positive_int(config, field: str):
     value = value[part]
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
     _fail(field, value, "must be a positive integer")
+
+
+def _positive_finite(field: str, value):
+  if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    _fail(field, value, "must be a finite number > 0")
+
+
+def _zero_or_positive_finite(field: str, value):
+  # A negative value here would silently flip the meta-gradient's sign.
+  if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+    _fail(field, value, "must be a finite number >= 0 (0: off)")
 
 
 def _known(field: str, value, kind: str, known):
@@ -69,16 +82,17 @@ def check_sizes(config, device_count: int):
   if est.name not in registry.FULL_EPISODE_ESTIMATORS and est.trunc_length > est.max_length:
     _fail("estimator.trunc_length", est.trunc_length,
           f"must be <= estimator.max_length ({est.max_length}), the longest inner run")
-  if not est.std > 0:
-    _fail("estimator.std", est.std, "must be > 0")
+  _positive_finite("estimator.std", est.std)
+  _zero_or_positive_finite("estimator.sign_delta_loss_scalar", est.sign_delta_loss_scalar)
   if est.random_initial_iteration_offset < 0:
     _fail("estimator.random_initial_iteration_offset", est.random_initial_iteration_offset,
           "must be >= 0")
   if est.num_tasks % device_count:
     _fail("estimator.num_tasks", est.num_tasks,
           f"must be divisible by the device count ({device_count})")
-  if not config.outer_optimizer.learning_rate > 0:
-    _fail("outer_optimizer.learning_rate", config.outer_optimizer.learning_rate, "must be > 0")
+  _positive_finite("outer_optimizer.learning_rate", config.outer_optimizer.learning_rate)
+  _zero_or_positive_finite("outer_optimizer.meta_grad_clip",
+                           config.outer_optimizer.meta_grad_clip)
   if config.cpu_devices < 0:
     _fail("cpu_devices", config.cpu_devices, "must be >= 0 (0: one per core, dividing num_tasks)")
   if config.eval.every < 0:
@@ -122,6 +136,54 @@ def check_workdir(workdir: str):
 def _one_line(e: Exception) -> str:
   text = str(e).strip().splitlines()
   return text[0] if text else type(e).__name__
+
+
+# Fields a resumed run may change: how long, how often it logs, saves and evaluates, where it
+# caches, and the outer optimizer's step size and clip (the remedy a non-finite run suggests).
+RESUMABLE_CHANGES = ("num_outer_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "compilation_cache", "eval", "outer_optimizer.learning_rate",
+                     "outer_optimizer.meta_grad_clip")
+RUN_CONFIG_FILE = "config.json"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+  """{"a": {"b": 1}} -> {"a.b": 1}; values other than numbers, strings and bools as str."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out
+
+
+def check_resume(config, workdir: str):
+  """Refuses to resume a workdir's checkpoints under a config that changes the run itself (seed,
+  tasks, estimator, learned optimizer, ...): restoring would fail on shapes or, worse, silently
+  continue a different experiment. Compares with the config the workdir was started with."""
+  path = os.path.join(workdir, RUN_CONFIG_FILE)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not (os.path.exists(path) and os.path.isdir(checkpoints)
+          and any(name.isdigit() for name in os.listdir(checkpoints))):
+    return  # nothing to resume: the run starts afresh under the new config
+  with open(path) as f:
+    before = flatten(json.load(f))
+  now = flatten(json.loads(config.to_json()))
+  allowed = lambda k: any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)
+  changed = sorted(k for k in set(before) | set(now)
+                   if not allowed(k) and before.get(k) != now.get(k))
+  if changed:
+    shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+    more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
+    raise ConfigError(f"config.{changed[0]}={now.get(changed[0])!r} is invalid: --workdir="
+                      f"{workdir!r} holds a run started with a different config ({shown}{more}); "
+                      "use a new --workdir, or the original values")
+
+
+def record_run_config(config, workdir: str):
+  """Writes the config a workdir's run started with, for `check_resume`."""
+  with open(os.path.join(workdir, RUN_CONFIG_FILE), "w") as f:
+    f.write(config.to_json(indent=1))
 
 
 def validate(config, workdir: str, device_count: int = None):

@@ -14,6 +14,7 @@ from typing import Any, Dict
 from absl import logging
 import jax
 import numpy as np
+import optax
 
 from lopt_tpu import checkpointing
 from lopt_tpu import config_checks
@@ -64,6 +65,7 @@ def train_and_evaluate(config, workdir: str) -> Any:
   Returns the final outer state (theta is `state.gradient_learner_state.theta`).
   """
   config_checks.validate(config, workdir)
+  config_checks.check_resume(config, workdir)
   exp = experiment.build(config)
   # clu's writers load TensorFlow (~3 s here): imported only once the config, the data and the
   # workdir have passed, so that those errors are reported without the wait.
@@ -72,10 +74,17 @@ def train_and_evaluate(config, workdir: str) -> Any:
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.keep_checkpoints)
   state, start = ckpt.restore_latest(init_state(exp, config.seed))
+  if start > config.num_outer_steps:
+    ckpt.close()
+    raise config_checks.ConfigError(
+        f"config.num_outer_steps={config.num_outer_steps} is invalid: --workdir={workdir!r} "
+        f"already holds outer step {start}; raise it, or use a new workdir")
   if start:
     logging.info("Resumed from the checkpoint of outer step %d.", start)
   else:
-    writer.write_hparams(_flat(config.to_dict()))
+    writer.write_hparams(config_checks.flatten(config.to_dict()))
+    if jax.process_index() == 0:
+      config_checks.record_run_config(config, workdir)
   train_key = jax.random.fold_in(jax.random.key(config.seed), TRAIN_STREAM)
   inner_per_step = sum(e.inner_steps_per_call for e in exp.estimators)
   report = periodic_actions.ReportProgress(num_train_steps=config.num_outer_steps,
@@ -118,8 +127,16 @@ def one_step_in_flight() -> bool:
 def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, ckpt, stop,
           workdir):
   total, count, t0 = None, 0, time.perf_counter()
-  step = start
+  step = saved = start
   wait = one_step_in_flight()
+
+  def save(step, state):
+    # Never keep a non-finite state as "the last good checkpoint": checked at every save, not
+    # only at log steps (a resume from it would fail again at once).
+    _check_finite(step, {"theta_norm": float(optax.tree_utils.tree_l2_norm(_theta(state)))})
+    ckpt.save(step, state)
+    return step
+
   for step in range(start + 1, config.num_outer_steps + 1):
     state, loss, metrics = exp.learner.update(state, train_key)
     if wait:
@@ -138,29 +155,21 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
       logging.info("outer step %d: meta-loss %.5g", step, scalars["meta/meta_loss"])
       total, count, t0 = None, 0, time.perf_counter()
     if step % config.checkpoint_every == 0 or step == config.num_outer_steps or stop.stop:
-      ckpt.save(step, state)
-    if config.eval.every and step % config.eval.every == 0:
+      saved = save(step, state)
+    if config.eval.every and step % config.eval.every == 0 and not stop.stop:
       eval_run.evaluate_theta(config, exp.learned_opt, _theta(state), workdir, writer, step)
-    if stop.stop:
+    if stop.stop:  # SIGTERM may have come during the evaluation, after this step's save test
+      if saved != step:
+        saved = save(step, state)
       logging.warning("SIGTERM: saved outer step %d and stopping.", step)
       return state
-  if config.eval.at_end and step == config.num_outer_steps:
+  if config.eval.at_end and step == config.num_outer_steps and not stop.stop:
     eval_run.evaluate_theta(config, exp.learned_opt, _theta(state), workdir, writer, step)
   return state
 
 
 def _theta(state):
   return state.gradient_learner_state.theta
-
-
-def _flat(d: dict, prefix: str = "") -> Dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-  return out
 
 
 def load_checkpoint(config, workdir: str):
