@@ -60,3 +60,29 @@ def test_worker_and_central_learner_flow():
     assert np.isfinite(float(metrics["theta_grad_norm"]))
   moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), theta0, central.theta)
   assert max(jax.tree_util.tree_leaves(moved)) > 0
+
+
+def test_init_and_update_with_the_same_key_draw_unrelated_numbers(monkeypatch):
+  # The natural loop passes one key to init and to every update. JAX's split(k)[i] equals
+  # fold_in(k, i), so deriving init's keys by split(key) and step s's by fold_in(key, s) once
+  # made step 1's PES perturbations equal to the task draws of init (the quadratics' targets).
+  from lopt_tpu.outer.estimators import base  # pylint: disable=g-import-not-at-top
+  drawn = []
+  sample = base.sample_flat_perturbations
+
+  def spy(flat_theta, key, task_index, std):
+    eps = sample(flat_theta, key, task_index, std)
+    jax.debug.callback(lambda e: drawn.append(np.asarray(e) / std), eps)
+    return eps
+
+  monkeypatch.setattr(base, "sample_flat_perturbations", spy)
+  lopt = lopt_tpu.MLPLOpt()
+  trainer = lopt_tpu.SingleMachineGradientLearner(lopt, _estimators(lopt)[:1], optax.adam(1e-3))
+  key = jax.random.key(0)
+  state = trainer.init(key)
+  targets = np.asarray(state.gradient_estimator_states[0].pair.task_params["target"][0])
+  for _ in range(3):
+    state, _, _ = trainer.update(state, key)
+  assert len(drawn) == 3
+  for eps in drawn:  # [T, P] standard normals vs [T, 10] standard-normal targets
+    assert np.abs(eps[:, :10] - targets).min() > 1e-4

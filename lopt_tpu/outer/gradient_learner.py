@@ -167,6 +167,9 @@ class _TopLevelJit:
     return getattr(self._top, name)
 
 
+_INIT_STREAM, _UPDATE_STREAM = 0, 1  # see SingleMachineGradientLearner
+
+
 @flax.struct.dataclass
 class SingleMachineState:
   gradient_learner_state: GradientLearnerState
@@ -176,7 +179,9 @@ class SingleMachineState:
 class SingleMachineGradientLearner:
   """Worker and learner in one jitted outer step, for one or many estimators.
 
-  `update(state, key)` derives this step's randomness as `fold_in(key, state.step)`, so passing
+  `update(state, key)` derives this step's randomness as `fold_in(fold_in(key, 1), state.step)`
+  (and `init(key)` its own from `fold_in(key, 0)`: JAX's `split(k)[i]` equals `fold_in(k, i)`,
+  so the two must not share a parent, or step 0's keys would be the init's), so passing
   the same base key every step (as loops naturally do) still gives fresh random numbers, and a
   run resumed from a checkpoint replays exactly the keys it would have used.
 
@@ -201,7 +206,7 @@ class SingleMachineGradientLearner:
                                 donate_argnums=0)
 
   def _init_impl(self, key):
-    k_theta, k_workers = jax.random.split(key)
+    k_theta, k_workers = jax.random.split(jax.random.fold_in(key, _INIT_STREAM))
     learner_state = self.learner.init(k_theta)
     states = [est.init_worker_state(learner_state.theta, jax.random.fold_in(k_workers, i))
               for i, est in enumerate(self.estimators)]
@@ -242,7 +247,7 @@ class SingleMachineGradientLearner:
 
   def _update_impl(self, state, key, with_metrics):
     learner_state = state.gradient_learner_state
-    key = jax.random.fold_in(key, learner_state.step)
+    key = jax.random.fold_in(jax.random.fold_in(key, _UPDATE_STREAM), learner_state.step)
     step = functools.partial(self._step, with_metrics=with_metrics)
     if self.mesh is None:
       outs = step(learner_state, state.gradient_estimator_states, key, reduce=None)

@@ -152,10 +152,12 @@ class TruncatedUnroll:
     offset = self.random_initial_iteration_offset if offset is None else offset
 
     def one(theta, i):
-      k = jax.random.fold_in(key, i)
-      state = self.new_run(theta, k, i)
+      # Separate children for the run and its offset: `new_run` splits its key, and
+      # `split(k)[i]` is `fold_in(k, i)`, so a `fold_in(k, 1)` here would be its params key.
+      k_run, k_offset = jax.random.split(jax.random.fold_in(key, i))
+      state = self.new_run(theta, k_run, i)
       if offset > 0:
-        start = jax.random.randint(jax.random.fold_in(k, 1), [], 0, offset, jnp.int32)
+        start = jax.random.randint(k_offset, [], 0, offset, jnp.int32)
         state = state.replace(inner_step=start)
       return state
 
