@@ -9,6 +9,7 @@ import math
 import os
 import tempfile
 
+from absl import logging
 import jax
 
 from lopt_tpu import experiment
@@ -87,6 +88,9 @@ def check_sizes(config, device_count: int):
   if est.random_initial_iteration_offset < 0:
     _fail("estimator.random_initial_iteration_offset", est.random_initial_iteration_offset,
           "must be >= 0")
+  if config.cpu_devices > 0 and est.num_tasks % config.cpu_devices:
+    _fail("cpu_devices", config.cpu_devices,
+          f"must divide estimator.num_tasks ({est.num_tasks}) (0: one per core, dividing it)")
   if est.num_tasks % device_count:
     _fail("estimator.num_tasks", est.num_tasks,
           f"must be divisible by the device count ({device_count})")
@@ -112,14 +116,23 @@ def check_buildable(config):
           f"cannot build {config.learned_optimizer.name}: {_one_line(e)}")
   for label, fam in config.task_families.items():
     try:
-      experiment.build_task_family(fam.name, fam.kwargs)
+      _check_trainable(experiment.build_task_family(fam.name, fam.kwargs))
     except (OSError, RuntimeError, ValueError, TypeError) as e:
       _fail(f"task_families.{label}", fam.to_dict(), f"cannot build it: {_one_line(e)}")
   try:
-    experiment.build_task_family(config.eval.task, config.eval.task_kwargs)
+    _check_trainable(experiment.build_task_family(config.eval.task, config.eval.task_kwargs))
   except (OSError, RuntimeError, ValueError, TypeError) as e:
     _fail("eval.task_kwargs", config.eval.task_kwargs.to_dict(),
           f"cannot build {config.eval.task}: {_one_line(e)}")
+
+
+def _check_trainable(family):
+  """Samples a task and initializes it abstractly (shapes only, nothing runs): bad sizes in the
+  kwargs (e.g. a negative dimension) fail here, and a task without parameters is refused."""
+  params, _ = jax.eval_shape(
+      lambda key: family.task_fn(family.sample(key)).init_with_state(key), jax.random.key(0))
+  if not sum(x.size for x in jax.tree_util.tree_leaves(params)):
+    raise ValueError("its tasks have no parameters to train")
 
 
 def check_workdir(workdir: str):
@@ -157,18 +170,28 @@ def flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def check_resume(config, workdir: str):
+def check_resume(config, workdir: str, device_count: int = None):
   """Refuses to resume a workdir's checkpoints under a config that changes the run itself (seed,
   tasks, estimator, learned optimizer, ...): restoring would fail on shapes or, worse, silently
-  continue a different experiment. Compares with the config the workdir was started with."""
+  continue a different experiment. Compares with the config the workdir was started with.
+
+  A different device count only warns: the run is the same, but its task means are summed in
+  another order, so it is no longer bitwise equal to an uninterrupted run.
+  """
   path = os.path.join(workdir, RUN_CONFIG_FILE)
   checkpoints = os.path.join(workdir, "checkpoints")
   if not (os.path.exists(path) and os.path.isdir(checkpoints)
           and any(name.isdigit() for name in os.listdir(checkpoints))):
     return  # nothing to resume: the run starts afresh under the new config
   with open(path) as f:
-    before = flatten(json.load(f))
+    recorded = json.load(f)
+  before = flatten(recorded["config"])
   now = flatten(json.loads(config.to_json()))
+  device_count = jax.device_count() if device_count is None else device_count
+  if recorded["device_count"] != device_count:
+    logging.warning("Resuming a run started on %d devices on %d: same run, but float sums in "
+                    "another order, so not bitwise equal to an uninterrupted one.",
+                    recorded["device_count"], device_count)
   allowed = lambda k: any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)
   changed = sorted(k for k in set(before) | set(now)
                    if not allowed(k) and before.get(k) != now.get(k))
@@ -180,10 +203,12 @@ def check_resume(config, workdir: str):
                       "use a new --workdir, or the original values")
 
 
-def record_run_config(config, workdir: str):
-  """Writes the config a workdir's run started with, for `check_resume`."""
+def record_run_config(config, workdir: str, device_count: int = None):
+  """Writes the config (and device count) a workdir's run started with, for `check_resume`."""
+  device_count = jax.device_count() if device_count is None else device_count
   with open(os.path.join(workdir, RUN_CONFIG_FILE), "w") as f:
-    f.write(config.to_json(indent=1))
+    json.dump({"config": json.loads(config.to_json()), "device_count": device_count}, f,
+              indent=1)
 
 
 def validate(config, workdir: str, device_count: int = None):

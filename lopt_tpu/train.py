@@ -133,7 +133,7 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
   def save(step, state):
     # Never keep a non-finite state as "the last good checkpoint": checked at every save, not
     # only at log steps (a resume from it would fail again at once).
-    _check_finite(step, {"theta_norm": float(optax.tree_utils.tree_l2_norm(_theta(state)))})
+    _check_finite(step, {"theta_norm": float(optax.tree_utils.tree_norm(_theta(state)))})
     ckpt.save(step, state)
     return step
 
@@ -163,7 +163,8 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
         saved = save(step, state)
       logging.warning("SIGTERM: saved outer step %d and stopping.", step)
       return state
-  if config.eval.at_end and step == config.num_outer_steps and not stop.stop:
+  evaluated = config.eval.every and step % config.eval.every == 0  # just now, in the loop
+  if config.eval.at_end and step == config.num_outer_steps and not stop.stop and not evaluated:
     eval_run.evaluate_theta(config, exp.learned_opt, _theta(state), workdir, writer, step)
   return state
 

@@ -1,5 +1,7 @@
 """Config validation in-process (the subprocess tests in test_app.py cover main.py's exit)."""
 
+import re
+
 import pytest
 
 from configs import default
@@ -50,9 +52,35 @@ def test_resuming_under_a_config_that_changes_the_run_is_refused(tmp_path):
                      match=r"config\.estimator\.num_tasks=8 is invalid: .*started with a different "
                            r"config \(estimator\.num_tasks: 4 -> 8, seed: 0 -> 7\)"):
     config_checks.check_resume(changed, str(tmp_path))
+  # Another device count is the same run (it only warns).
+  config_checks.check_resume(started, str(tmp_path), device_count=3)
   # Length, logging, evaluation and the outer step size may change on resume.
   longer = default.get_config()
   longer.num_outer_steps *= 2
   longer.eval.num_seeds += 1
   longer.outer_optimizer.learning_rate /= 10
   config_checks.check_resume(longer, str(tmp_path))
+
+
+@pytest.mark.parametrize("section,override", [
+    ("task_families.quadratic", {"dim": -3}),  # once a traceback deep in the first step
+    ("eval.task_kwargs", {"dim": 0}),  # once a silently meaningless evaluation
+])
+def test_task_sizes_are_checked_by_building_one_task(section, override):
+  config = default.get_config()
+  if section == "eval.task_kwargs":
+    config.eval.task = "quadratic_family"
+    config.eval.task_kwargs = override
+  else:
+    config.task_families.quadratic.kwargs = override
+  with pytest.raises(config_checks.ConfigError,
+                     match=re.escape(f"config.{section}=") + ".* is invalid: cannot "):
+    config_checks.check_buildable(config)
+
+
+def test_a_cpu_device_count_that_does_not_divide_the_tasks_names_cpu_devices():
+  config = default.get_config()
+  config.cpu_devices = 3
+  with pytest.raises(config_checks.ConfigError, match=r"config\.cpu_devices=3 is invalid: must "
+                                                      r"divide estimator\.num_tasks \(4\)"):
+    config_checks.check_sizes(config, 3)
