@@ -189,6 +189,7 @@ def load_checkpoint(config, workdir: str):
 def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   """The evaluation mode: evaluates the theta of the newest checkpoint in `workdir`."""
   config_checks.validate(config, workdir)
+  config_checks.check_resume(config, workdir)  # the checkpoint's shapes come from the config
   state, step = load_checkpoint(config, workdir)
   if not step:
     raise config_checks.ConfigError(f"--workdir={workdir!r} holds no checkpoint to evaluate; "
