@@ -66,7 +66,11 @@ def main(argv):
   # for the TensorBoard writer, only once training starts).
   import jax  # pylint: disable=g-import-not-at-top
   from lopt_tpu import distributed  # pylint: disable=g-import-not-at-top
-  distributed.maybe_initialize()  # before any other JAX call
+  try:
+    distributed.maybe_initialize()  # before any other JAX call
+  except ValueError as e:  # an incomplete LOPT_* environment: one line, no traceback
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   from lopt_tpu import compile_cache  # pylint: disable=g-import-not-at-top
   cache_dir = compile_cache.directory_for(_CONFIG.value.compilation_cache, _WORKDIR.value)
   if cache_dir:
