@@ -7,6 +7,7 @@ Override any field with --config.some.field=value. Rerunning the same command re
 newest checkpoint in --workdir.
 """
 
+import logging as std_logging
 import math
 import os
 import sys
@@ -31,7 +32,8 @@ class _QuietLibraries:
   """Drops INFO records from chatty libraries (orbax logs every save step by step)."""
 
   def filter(self, record):
-    return record.levelno > logging.INFO or "/orbax/" not in record.pathname
+    # A stdlib record's level (absl's logging.INFO is its verbosity 0, not the level 20).
+    return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname
 
 
 def _one_cpu_device_per_core(config):
