@@ -12,6 +12,7 @@ import tempfile
 from absl import logging
 import jax
 
+from lopt_tpu import compile_cache
 from lopt_tpu import experiment
 from lopt_tpu import registry
 from lopt_tpu.outer import unroll as unroll_lib
@@ -146,6 +147,21 @@ def check_workdir(workdir: str):
     raise ConfigError(f"--workdir={workdir!r} is not writable: {_one_line(e)}") from None
 
 
+def check_compilation_cache(setting: str, workdir: str):
+  """A local cache directory must be writable: JAX would only warn, on every compile, and run
+  without the cache (remote paths such as gs:// are left to JAX)."""
+  directory = compile_cache.directory_for(setting, workdir)
+  if not directory or "://" in directory:
+    return
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory):
+      pass
+  except OSError as e:
+    _fail("compilation_cache", setting,
+          f'must be a writable directory, "workdir" or "" (none): {_one_line(e)}')
+
+
 def _one_line(e: Exception) -> str:
   text = str(e).strip().splitlines()
   return text[0] if text else type(e).__name__
@@ -217,3 +233,4 @@ def validate(config, workdir: str, device_count: int = None):
   check_sizes(config, jax.device_count() if device_count is None else device_count)
   check_buildable(config)
   check_workdir(workdir)
+  check_compilation_cache(config.compilation_cache, workdir)

@@ -84,3 +84,13 @@ def test_a_cpu_device_count_that_does_not_divide_the_tasks_names_cpu_devices():
   with pytest.raises(config_checks.ConfigError, match=r"config\.cpu_devices=3 is invalid: must "
                                                       r"divide estimator\.num_tasks \(4\)"):
     config_checks.check_sizes(config, 3)
+
+
+def test_an_unwritable_compilation_cache_names_the_field(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"config\.compilation_cache=.* must be a writable directory"):
+    config_checks.check_compilation_cache(str(blocker / "cache"), str(tmp_path))
+  config_checks.check_compilation_cache("workdir", str(tmp_path))  # <workdir>/compilation_cache
+  config_checks.check_compilation_cache("gs://bucket/cache", str(tmp_path))  # left to JAX
