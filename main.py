@@ -70,7 +70,7 @@ def main(argv):
   from lopt_tpu import distributed  # pylint: disable=g-import-not-at-top
   try:
     distributed.maybe_initialize()  # before any other JAX call
-  except ValueError as e:  # an incomplete LOPT_* environment: one line, no traceback
+  except distributed.LaunchEnvironmentError as e:  # one line, no traceback
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   from lopt_tpu import compile_cache  # pylint: disable=g-import-not-at-top

@@ -41,8 +41,8 @@ def _positive_finite(field: str, value):
 
 
 def _zero_or_positive_finite(field: str, value):
-  # A negative value here would silently flip the meta-gradient's sign.
-  if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+  # A negative value here would silently flip the meta-gradient's sign. None means off, as 0.
+  if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
     _fail(field, value, "must be a finite number >= 0 (0: off)")
 
 
@@ -89,7 +89,7 @@ def check_sizes(config, device_count: int):
   if est.random_initial_iteration_offset < 0:
     _fail("estimator.random_initial_iteration_offset", est.random_initial_iteration_offset,
           "must be >= 0")
-  if config.cpu_devices > 0 and est.num_tasks % config.cpu_devices:
+  if config.cpu_devices == device_count and est.num_tasks % device_count:  # set by cpu_devices
     _fail("cpu_devices", config.cpu_devices,
           f"must divide estimator.num_tasks ({est.num_tasks}) (0: one per core, dividing it)")
   if est.num_tasks % device_count:
@@ -171,7 +171,7 @@ def _one_line(e: Exception) -> str:
 # caches, and the outer optimizer's step size and clip (the remedy a non-finite run suggests).
 RESUMABLE_CHANGES = ("num_outer_steps", "log_every", "checkpoint_every", "keep_checkpoints",
                      "compilation_cache", "eval", "outer_optimizer.learning_rate",
-                     "outer_optimizer.meta_grad_clip")
+                     "outer_optimizer.meta_grad_clip", "cpu_devices")
 RUN_CONFIG_FILE = "config.json"
 
 
@@ -194,6 +194,8 @@ def check_resume(config, workdir: str, device_count: int = None):
   A different device count only warns: the run is the same, but its task means are summed in
   another order, so it is no longer bitwise equal to an uninterrupted run.
   """
+  if _remote(workdir):
+    return  # not checked yet for remote workdirs (gs://...): see README
   path = os.path.join(workdir, RUN_CONFIG_FILE)
   checkpoints = os.path.join(workdir, "checkpoints")
   if not (os.path.exists(path) and os.path.isdir(checkpoints)
@@ -219,8 +221,14 @@ def check_resume(config, workdir: str, device_count: int = None):
                       "use a new --workdir, or the original values")
 
 
+def _remote(path: str) -> bool:
+  return "://" in path
+
+
 def record_run_config(config, workdir: str, device_count: int = None):
   """Writes the config (and device count) a workdir's run started with, for `check_resume`."""
+  if _remote(workdir):
+    return
   device_count = jax.device_count() if device_count is None else device_count
   with open(os.path.join(workdir, RUN_CONFIG_FILE), "w") as f:
     json.dump({"config": json.loads(config.to_json()), "device_count": device_count}, f,

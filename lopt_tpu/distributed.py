@@ -22,6 +22,10 @@ def _on_tpu_pod() -> bool:
   return "," in hosts
 
 
+class LaunchEnvironmentError(ValueError):
+  """The LOPT_* multi-host environment variables are incomplete."""
+
+
 def maybe_initialize() -> bool:
   """Initializes multi-host JAX when asked to (env) or on a TPU pod; returns whether it did.
 
@@ -31,7 +35,7 @@ def maybe_initialize() -> bool:
   if coordinator:
     for name in ("LOPT_NUM_PROCESSES", "LOPT_PROCESS_ID"):
       if name not in os.environ:
-        raise ValueError(f"LOPT_COORDINATOR is set but {name} is not; set both")
+        raise LaunchEnvironmentError(f"LOPT_COORDINATOR is set but {name} is not; set both")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator,

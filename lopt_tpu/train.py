@@ -13,8 +13,8 @@ from typing import Any, Dict
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
-import optax
 
 from lopt_tpu import checkpointing
 from lopt_tpu import config_checks
@@ -128,12 +128,14 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
           workdir):
   total, count, t0 = None, 0, time.perf_counter()
   step = saved = start
+  evaluated = None  # the step the loop last evaluated, in this process
   wait = one_step_in_flight()
 
   def save(step, state):
     # Never keep a non-finite state as "the last good checkpoint": checked at every save, not
     # only at log steps (a resume from it would fail again at once).
-    _check_finite(step, {"theta_norm": float(optax.tree_utils.tree_norm(_theta(state)))})
+    finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(_theta(state)))
+    _check_finite(step, {"theta": 0.0 if finite else float("nan")})
     ckpt.save(step, state)
     return step
 
@@ -158,13 +160,13 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
       saved = save(step, state)
     if config.eval.every and step % config.eval.every == 0 and not stop.stop:
       eval_run.evaluate_theta(config, exp.learned_opt, _theta(state), workdir, writer, step)
+      evaluated = step
     if stop.stop:  # SIGTERM may have come during the evaluation, after this step's save test
       if saved != step:
         saved = save(step, state)
       logging.warning("SIGTERM: saved outer step %d and stopping.", step)
       return state
-  evaluated = config.eval.every and step % config.eval.every == 0  # just now, in the loop
-  if config.eval.at_end and step == config.num_outer_steps and not stop.stop and not evaluated:
+  if config.eval.at_end and step == config.num_outer_steps and evaluated != step:
     eval_run.evaluate_theta(config, exp.learned_opt, _theta(state), workdir, writer, step)
   return state
 
