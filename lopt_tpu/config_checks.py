@@ -42,7 +42,9 @@ def _positive_finite(field: str, value):
 
 def _zero_or_positive_finite(field: str, value):
   # A negative value here would silently flip the meta-gradient's sign. None means off, as 0.
-  if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+  if value is None:
+    return
+  if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
     _fail(field, value, "must be a finite number >= 0 (0: off)")
 
 
@@ -136,13 +138,18 @@ def _check_trainable(family):
     raise ValueError("its tasks have no parameters to train")
 
 
+def _make_writable_dir(directory: str):
+  """Creates `directory` if needed and writes a file in it; raises OSError if it cannot."""
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=directory):
+    pass
+
+
 def check_workdir(workdir: str):
   if not workdir:
     _fail("workdir", workdir, "pass --workdir=DIR, a writable directory")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir):
-      pass
+    _make_writable_dir(workdir)
   except OSError as e:
     raise ConfigError(f"--workdir={workdir!r} is not writable: {_one_line(e)}") from None
 
@@ -151,12 +158,10 @@ def check_compilation_cache(setting: str, workdir: str):
   """A local cache directory must be writable: JAX would only warn, on every compile, and run
   without the cache (remote paths such as gs:// are left to JAX)."""
   directory = compile_cache.directory_for(setting, workdir)
-  if not directory or "://" in directory:
+  if not directory or _remote(directory):
     return
   try:
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory):
-      pass
+    _make_writable_dir(directory)
   except OSError as e:
     _fail("compilation_cache", setting,
           f'must be a writable directory, "workdir" or "" (none): {_one_line(e)}')
@@ -236,9 +241,12 @@ def record_run_config(config, workdir: str, device_count: int = None):
 
 
 def validate(config, workdir: str, device_count: int = None):
-  """Raises ConfigError for the first problem found; returns quietly if the run can start."""
+  """Raises ConfigError for the first problem found; returns quietly if the run can start
+  (or resume: the workdir's checkpoints must belong to this config, see `check_resume`)."""
+  device_count = jax.device_count() if device_count is None else device_count
   check_names(config)
-  check_sizes(config, jax.device_count() if device_count is None else device_count)
+  check_sizes(config, device_count)
   check_buildable(config)
   check_workdir(workdir)
   check_compilation_cache(config.compilation_cache, workdir)
+  check_resume(config, workdir, device_count)

@@ -65,7 +65,6 @@ def train_and_evaluate(config, workdir: str) -> Any:
   Returns the final outer state (theta is `state.gradient_learner_state.theta`).
   """
   config_checks.validate(config, workdir)
-  config_checks.check_resume(config, workdir)
   exp = experiment.build(config)
   # clu's writers load TensorFlow (~3 s here): imported only once the config, the data and the
   # workdir have passed, so that those errors are reported without the wait.
@@ -190,8 +189,7 @@ def load_checkpoint(config, workdir: str):
 
 def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   """The evaluation mode: evaluates the theta of the newest checkpoint in `workdir`."""
-  config_checks.validate(config, workdir)
-  config_checks.check_resume(config, workdir)  # the checkpoint's shapes come from the config
+  config_checks.validate(config, workdir)  # incl. that the checkpoint belongs to this config
   state, step = load_checkpoint(config, workdir)
   if not step:
     raise config_checks.ConfigError(f"--workdir={workdir!r} holds no checkpoint to evaluate; "

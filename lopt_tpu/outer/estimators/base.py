@@ -120,15 +120,28 @@ def per_task_meta_loss(meta_loss: jax.Array, valid: jax.Array, loss_type: str) -
   return jnp.where(valid[-1], meta_loss[-1], jnp.nan)
 
 
-def per_task_copies(theta, num_tasks: int):
-  """theta with leading [1, T] (sample, task) axes: differentiating with respect to one copy
-  per task gives every task's own gradient, which a diverged task cannot poison (its NaNs stay
-  in its own copy, where 0 * NaN in a shared backward pass would spread them to all)."""
-  return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (1, num_tasks) + jnp.shape(x)),
-                                theta)
+def per_task_backprop(per_task_loss_fn, theta, num_tasks: int):
+  """The backpropagation estimate from per-task gradients, as FullGrad and TruncatedGrad use it.
+
+  `per_task_loss_fn(thetas)` gets theta with leading [1, T] (sample, task) axes, one copy per
+  task, and returns ([T] losses, their StepOut, anything else the caller needs back).
+  Differentiating with respect to the copies gives every task its own gradient, which a
+  diverged task cannot poison (its NaNs stay in its own copy, where 0 * NaN in a shared
+  backward pass would spread them to all). Returns (GradientEstimate, the anything else).
+  """
+  thetas = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (1, num_tasks) + jnp.shape(x)),
+                                  theta)
+
+  def total_loss(thetas):
+    per_task, out, extra = per_task_loss_fn(thetas)
+    return jnp.sum(per_task), (per_task, out, extra)
+
+  (_, (per_task, out, extra)), grads = jax.value_and_grad(total_loss, has_aux=True)(thetas)
+  grad, ok, bad = _mean_of_finite_tasks(jax.tree_util.tree_map(lambda g: g[0], grads), per_task)
+  return finish(grad, masked_mean(per_task, ok), out, nonfinite_frac=bad), extra
 
 
-def mean_of_finite_tasks(per_task_grads, per_task_loss: jax.Array):
+def _mean_of_finite_tasks(per_task_grads, per_task_loss: jax.Array):
   """Mean over the T tasks of [T, ...] gradients, a task with a non-finite loss or gradient
   counted as zero (the denominator stays T, so equal shards still combine exactly by `pmean`).
 

@@ -70,16 +70,12 @@ class FullGrad(_FullEpisode):
     return self.num_steps * self.unroll.num_tasks
 
   def compute_gradient_estimate(self, theta, state, key):
-    def total_loss(thetas):  # thetas: [1, T] copies
+    def per_task_loss(thetas):  # thetas: [1, T] copies
       out = self._episode(thetas, key, state.task_index, thetas_batched=True)
-      per_task = self._per_task_loss(out, out.valid[:, 0])[0]  # [T]
-      return jnp.sum(per_task), (per_task, out)
+      return self._per_task_loss(out, out.valid[:, 0])[0], out, None
 
-    thetas = base.per_task_copies(theta, state.task_index.shape[0])
-    (_, (per_task, out)), grads = jax.value_and_grad(total_loss, has_aux=True)(thetas)
-    grad, ok, bad = base.mean_of_finite_tasks(jax.tree_util.tree_map(lambda g: g[0], grads),
-                                              per_task)
-    return base.finish(grad, base.masked_mean(per_task, ok), out, nonfinite_frac=bad), state
+    estimate, _ = base.per_task_backprop(per_task_loss, theta, state.task_index.shape[0])
+    return estimate, state
 
 
 class FullES(_FullEpisode):

@@ -49,18 +49,15 @@ class TruncatedGrad(_Truncated):
   def compute_gradient_estimate(self, theta, state, key):
     start = base.add_sample_axis(jax.lax.stop_gradient(state.unroll_state))
 
-    def total_loss(thetas):  # thetas: [1, T] copies
+    def per_task_loss(thetas):  # thetas: [1, T] copies
       states, out = self.unroll.unroll(thetas, start, key, self.trunc_length)
       per_task = base.per_task_meta_loss(out.meta_loss[:, 0], out.valid[:, 0], "average")
-      return jnp.sum(per_task), (per_task, states, out)
+      return per_task, out, states
 
-    thetas = base.per_task_copies(theta, state.unroll_state.task_index.shape[0])
-    (_, (per_task, states, out)), grads = jax.value_and_grad(total_loss, has_aux=True)(thetas)
-    grad, ok, bad = base.mean_of_finite_tasks(jax.tree_util.tree_map(lambda g: g[0], grads),
-                                              per_task)
+    estimate, states = base.per_task_backprop(per_task_loss, theta,
+                                              state.unroll_state.task_index.shape[0])
     next_state = TruncatedState(jax.tree_util.tree_map(lambda x: x[0], states))
-    return (base.finish(grad, base.masked_mean(per_task, ok), out, nonfinite_frac=bad),
-            next_state)
+    return estimate, next_state
 
 
 class TruncatedES(_Truncated):
