@@ -46,6 +46,13 @@ def _accumulate(total, metrics):
   return {k: total[k] + v for k, v in metrics.items()}
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """Whether every entry of every leaf is finite (per leaf: a norm of the whole tree can
+  overflow first). One program, not two tiny eager ones per leaf shape."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
 def _check_finite(step: int, scalars: Dict[str, float]):
   bad = sorted(k for k, v in scalars.items() if not np.isfinite(v))
   if bad:
@@ -66,11 +73,9 @@ def train_and_evaluate(config, workdir: str) -> Any:
   """
   config_checks.validate(config, workdir)
   exp = experiment.build(config)
-  # clu's writers load TensorFlow (~3 s here): imported only once the config, the data and the
-  # workdir have passed, so that those errors are reported without the wait.
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-  is_chief = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  train_key = jax.random.fold_in(jax.random.key(config.seed), TRAIN_STREAM)
+  # The outer step compiles (seconds) while the state is built or restored and TensorFlow loads.
+  exp.learner.start_compiling_update(train_key)
   ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.keep_checkpoints)
   state, start = ckpt.restore_latest(init_state(exp, config.seed))
   if start > config.num_outer_steps:
@@ -78,13 +83,17 @@ def train_and_evaluate(config, workdir: str) -> Any:
     raise config_checks.ConfigError(
         f"config.num_outer_steps={config.num_outer_steps} is invalid: --workdir={workdir!r} "
         f"already holds outer step {start}; raise it, or use a new workdir")
+  # clu's writers load TensorFlow (~3 s here): imported only once the config, the data, the
+  # workdir and the checkpoint have passed, so that those errors are reported without the wait.
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   if start:
     logging.info("Resumed from the checkpoint of outer step %d.", start)
   else:
     writer.write_hparams(config_checks.flatten(config.to_dict()))
     if jax.process_index() == 0:
       config_checks.record_run_config(config, workdir)
-  train_key = jax.random.fold_in(jax.random.key(config.seed), TRAIN_STREAM)
   inner_per_step = sum(e.inner_steps_per_call for e in exp.estimators)
   report = periodic_actions.ReportProgress(num_train_steps=config.num_outer_steps,
                                            writer=writer, every_steps=config.log_every)
@@ -133,8 +142,7 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
   def save(step, state):
     # Never keep a non-finite state as "the last good checkpoint": checked at every save, not
     # only at log steps (a resume from it would fail again at once).
-    finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(_theta(state)))
-    _check_finite(step, {"theta": 0.0 if finite else float("nan")})
+    _check_finite(step, {"theta": 0.0 if bool(_all_finite(_theta(state))) else float("nan")})
     ckpt.save(step, state)
     return step
 

@@ -72,3 +72,19 @@ def test_bench_quadratic_smoke(tmp_path):
   assert math.isfinite(r["final_meta_loss"])
   for name in ("loadavg_before", "loadavg_after"):
     assert len(r[name]) == 3 and all(math.isfinite(x) and x >= 0 for x in r[name])
+
+
+def test_startup_smoke(tmp_path):
+  """bench/startup.py times fresh main.py runs to their first outer step (one run of the tiny
+  config here, ~15 s)."""
+  out = tmp_path / "startup.json"
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "bench" / "startup.py"), "--runs", "1", "--config",
+       "configs/test.py", "--out", str(out)],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  (tree,) = json.loads(out.read_text())["trees"].values()
+  first, done = tree["first_update_s"], tree["exit_s"]
+  _positive(first["median"], "first_update_s")
+  assert first["n"] == 1 and first["median"] < done["median"], tree
+  assert f"| {REPO} | {first['median']:.2f} [" in proc.stdout

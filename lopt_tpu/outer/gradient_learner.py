@@ -5,6 +5,7 @@
 `SingleMachineGradientLearner` fuses both into one jitted outer step.
 """
 
+import concurrent.futures
 import functools
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -204,6 +205,7 @@ class SingleMachineGradientLearner:
         sharding.check_divisible(est.unroll.num_tasks, mesh)
     self._update = _TopLevelJit(self._update_impl, static_argnames="with_metrics",
                                 donate_argnums=0)
+    self._compiling = None  # Future of a compile started by start_compiling_update
 
   def _init_impl(self, key):
     k_theta, k_workers = jax.random.split(jax.random.fold_in(key, _INIT_STREAM))
@@ -216,12 +218,38 @@ class SingleMachineGradientLearner:
     """Theta plus every estimator's inner runs; with a mesh, built already sharded."""
     if self.mesh is None:
       return _TopLevelJit(self._init_impl)(key)
-    shapes = jax.eval_shape(self._init_impl, key)
-    shardings = SingleMachineState(
+    shardings = self._state_shardings(jax.eval_shape(self._init_impl, key))
+    return _TopLevelJit(self._init_impl, out_shardings=shardings)(key)
+
+  def _state_shardings(self, shapes):
+    """Where `init` puts each leaf: theta and the outer state replicated, tasks split."""
+    return SingleMachineState(
         sharding.tree_of(shapes.gradient_learner_state, sharding.replicated(self.mesh)),
         jax.tree_util.tree_map(lambda spec: jax.sharding.NamedSharding(self.mesh, spec),
                                self._state_specs(shapes.gradient_estimator_states)))
-    return _TopLevelJit(self._init_impl, out_shardings=shardings)(key)
+
+  def state_shapes(self) -> SingleMachineState:
+    """`init`'s result as `jax.ShapeDtypeStruct`s (with their shardings when there is a mesh)."""
+    shapes = jax.eval_shape(self._init_impl, jax.random.key(0))
+    if self.mesh is None:
+      return shapes
+    return jax.tree_util.tree_map(
+        lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), shapes,
+        self._state_shardings(shapes))
+
+  def start_compiling_update(self, key: jax.Array, with_metrics: bool = True):
+    """Compiles `update(state, key)` in a background thread, for states shaped like `init`'s.
+
+    For start-up: the outer step's trace and compile (seconds on CPU) then overlap whatever the
+    caller does meanwhile (imports, `init`, restoring a checkpoint); the first `update` waits
+    for it and reuses the compiled program. Returns the `Future` of the compiled program.
+    """
+    shapes = self.state_shapes()  # before the thread: a bad config fails here, in the caller
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_update")
+    self._compiling = pool.submit(
+        lambda: self._update.lower(shapes, key, with_metrics=with_metrics).compile())
+    pool.shutdown(wait=False)
+    return self._compiling
 
   def _state_specs(self, estimator_states):
     """Each estimator's `state_partition_specs`: where its states keep the task axis."""
@@ -229,6 +257,9 @@ class SingleMachineGradientLearner:
 
   def update(self, state: SingleMachineState, key: jax.Array, with_metrics: bool = True):
     """One outer step. Returns (next_state, mean meta-loss, metrics). `state` is donated."""
+    if self._compiling is not None:  # see start_compiling_update; re-raises its error
+      compiling, self._compiling = self._compiling, None
+      compiling.result()
     return self._update(state, key, with_metrics=with_metrics)
 
   def _step(self, learner_state, estimator_states, key, with_metrics, reduce):
