@@ -17,12 +17,13 @@ import json
 import os
 import pathlib
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+import timing  # next to this script
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIRST_STEP_LINE = "outer step 1:"
@@ -55,11 +56,6 @@ def one_run(tree: str, config: str, timeout: float) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def summary(values):
-  return {"median": statistics.median(values), "min": min(values), "max": max(values),
-          "n": len(values)}
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,8 +80,8 @@ def main(argv=None):
   print(f"\n| tree | launch to outer step 1, s (median [min–max] of {args.runs}) | to exit, s |")
   print("|---|---|---|")
   for tree in trees:
-    first = summary([r["first_update_s"] for r in runs[tree]])
-    done = summary([r["exit_s"] for r in runs[tree]])
+    first = timing.spread([r["first_update_s"] for r in runs[tree]])
+    done = timing.spread([r["exit_s"] for r in runs[tree]])
     results["trees"][tree] = {"first_update_s": first, "exit_s": done, "runs": runs[tree]}
     print(f"| {tree} | {first['median']:.2f} [{first['min']:.2f}–{first['max']:.2f}] | "
           f"{done['median']:.2f} |")

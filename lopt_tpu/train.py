@@ -13,7 +13,6 @@ from typing import Any, Dict
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lopt_tpu import checkpointing
@@ -21,6 +20,7 @@ from lopt_tpu import config_checks
 from lopt_tpu import distributed
 from lopt_tpu import eval_run
 from lopt_tpu import experiment
+from lopt_tpu.outer import unroll as unroll_lib
 
 INIT_STREAM, TRAIN_STREAM = 0, 1  # fold_in(seed key, stream) separates uses of the seed
 
@@ -46,11 +46,8 @@ def _accumulate(total, metrics):
   return {k: total[k] + v for k, v in metrics.items()}
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  """Whether every entry of every leaf is finite (per leaf: a norm of the whole tree can
-  overflow first). One program, not two tiny eager ones per leaf shape."""
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+# One program for theta's finiteness check before each save, not two tiny eager ones per leaf.
+_all_finite = jax.jit(unroll_lib.all_finite)
 
 
 def _check_finite(step: int, scalars: Dict[str, float]):
@@ -92,7 +89,7 @@ def train_and_evaluate(config, workdir: str) -> Any:
     logging.info("Resumed from the checkpoint of outer step %d.", start)
   else:
     writer.write_hparams(config_checks.flatten(config.to_dict()))
-    if jax.process_index() == 0:
+    if is_chief:
       config_checks.record_run_config(config, workdir)
   inner_per_step = sum(e.inner_steps_per_call for e in exp.estimators)
   report = periodic_actions.ReportProgress(num_train_steps=config.num_outer_steps,

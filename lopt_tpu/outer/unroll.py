@@ -52,7 +52,9 @@ class StepOut(NamedTuple):
   valid: jax.Array  # bool: meta_loss is finite and may enter a gradient
 
 
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
+  """Whether every entry of every floating leaf of `tree` is finite (checked per leaf: a norm
+  of the whole tree could overflow first)."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
@@ -133,7 +135,7 @@ class TruncatedUnroll:
     if self.meta_loss_transform == "log":
       meta_loss = jnp.log(jnp.maximum(meta_loss, LOG_LOSS_FLOOR))
     finite = jnp.isfinite(loss) & jnp.isfinite(meta_loss)
-    diverged = ~(finite & _all_finite(opt.get_params(opt_state)))
+    diverged = ~(finite & all_finite(opt.get_params(opt_state)))
     inner_step = state.inner_step + 1
     out = StepOut(loss=loss, meta_loss=meta_loss, is_done=(inner_step >= state.length) | diverged,
                   diverged=diverged, valid=finite)
