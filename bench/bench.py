@@ -100,9 +100,9 @@ def run_one(workload, devices, args):
   result.update(loadavg_before=list(load_before), loadavg_after=list(load_after),
                 subprocess_wall_s=wall, command=" ".join(cmd[1:-2]), git=git)
   if args.first_step_repeats:
-    result["first_step_repeats_s"] = [
-        first_step_only(workload, devices, args)["first_step_s"]
-        for _ in range(args.first_step_repeats)]
+    repeats = [first_step_only(workload, devices, args) for _ in range(args.first_step_repeats)]
+    result["first_step_repeats_s"] = [r["first_step_s"] for r in repeats]
+    result["first_step_repeats_phases"] = [r["first_step_phases"] for r in repeats]
   if args.warm_cache:
     result["warm_cache"] = warm_cache_first_step(workload, devices, args)
   return result
@@ -127,6 +127,27 @@ def first_step_cell(r):
   return f"{statistics.median(times):.2f} [{min(times):.2f}–{max(times):.2f}]"
 
 
+PHASE_NAMES = (("trace_s", "trace"), ("lower_s", "lower"), ("xla_compile_s", "XLA compile"))
+
+
+def first_step_phases_line(r):
+  """Where the cold first step's seconds went: the median of each phase over the processes."""
+  runs = [(r["first_step_s"], r["first_step_phases"])] + list(
+      zip(r.get("first_step_repeats_s", []), r.get("first_step_repeats_phases", [])))
+  parts = [f"{label} {statistics.median([p[key] for _, p in runs]):.2f}"
+           for key, label in PHASE_NAMES]
+  rest = statistics.median([total - sum(p.values()) for total, p in runs])
+  return (f"First step, {r['workload']} on {r['devices']} devices (median of {len(runs)} cold "
+          f"process{'es' if len(runs) > 1 else ''}, s): {' + '.join(parts)} + the rest "
+          f"(running it, dispatch) {rest:.2f}")
+
+
+def warm_trace_and_lower(r):
+  """Seconds the warm-cache first step still spends in JAX: the cache only skips XLA."""
+  phases = r["warm_cache"]["warm"]["first_step_phases"]
+  return phases["trace_s"] + phases["lower_s"]
+
+
 def warm_cache_first_step(workload, devices, args):
   """Init and first-step seconds of a fresh process whose compilation cache is warm: one
   process fills a new cache, a second one is timed (what a resumed run of main.py sees)."""
@@ -134,8 +155,8 @@ def warm_cache_first_step(workload, devices, args):
     cache = os.path.join(tmp, "cache")
     runs = [first_step_only(workload, devices, args, "--compilation_cache", cache)
             for _ in ("fill", "warm")]
-  return {"cold": {k: runs[0][k] for k in ("init_s", "first_step_s")},
-          "warm": {k: runs[1][k] for k in ("init_s", "first_step_s")}}
+  keys = ("init_s", "first_step_s", "first_step_phases")
+  return {"cold": {k: runs[0][k] for k in keys}, "warm": {k: runs[1][k] for k in keys}}
 
 
 def fmt_row(r):
@@ -174,8 +195,10 @@ def markdown(facts, results):
             for r in results if r["git"] != facts["git"]]
   lines += [f"Dataset of the MLP workloads: {d}" for d in datasets]
   lines += [f"Note: {n}" for n in notes]
+  lines += [first_step_phases_line(r) for r in results if "first_step_phases" in r]
   lines += [f"Compilation cache, {r['workload']} on {r['devices']} devices: first step "
-            f"{r['warm_cache']['warm']['first_step_s']:.2f} s with a warm cache (cold, same "
+            f"{r['warm_cache']['warm']['first_step_s']:.2f} s with a warm cache, of which "
+            f"trace + lower {warm_trace_and_lower(r):.2f} s (cold, same "
             f"run: {r['warm_cache']['cold']['first_step_s']:.2f} s); init "
             f"{r['warm_cache']['warm']['init_s']:.2f} s (cold {r['warm_cache']['cold']['init_s']:.2f} s)"
             for r in results if r.get("warm_cache")]

@@ -181,8 +181,10 @@ def first_step(args):
   t0 = time.perf_counter()
   state = jax.block_until_ready(learner.init(key))
   t1 = time.perf_counter()
-  jax.block_until_ready(learner.update(state, key)[1])
-  return {"init_s": t1 - t0, "first_step_s": time.perf_counter() - t1}
+  with timing.compile_phases() as phases:
+    jax.block_until_ready(learner.update(state, key)[1])
+  return {"init_s": t1 - t0, "first_step_s": time.perf_counter() - t1,
+          "first_step_phases": phases}
 
 
 def time_learner(args):
@@ -201,7 +203,8 @@ def time_learner(args):
     losses.append(loss)
     return state
 
-  state, (first_s,) = timing.timed_steps(step, state, 1)
+  with timing.compile_phases() as first_phases:
+    state, (first_s,) = timing.timed_steps(step, state, 1)
   state, _ = timing.timed_steps(step, state, args.warmup)
   cache_before = learner._update._cache_size()  # pylint: disable=protected-access
   cpu_before = cpu_seconds()
@@ -215,7 +218,8 @@ def time_learner(args):
       "tasks_per_chunk": {  # per device: the unroll advances this many tasks at a time
           est.unroll.task_family.name: tasks_per_chunk(est, s, args.devices)
           for est, s in zip(estimators, state.gradient_estimator_states)},
-      "setup_s": setup_s, "init_s": init_s, "first_step_s": first_s, "step_s": stats,
+      "setup_s": setup_s, "init_s": init_s, "first_step_s": first_s,
+      "first_step_phases": first_phases, "step_s": stats,
       "recompiles_while_timing":
           learner._update._cache_size() - cache_before,  # pylint: disable=protected-access
       "cores_busy": cores_busy, "inner_steps_per_call": inner,

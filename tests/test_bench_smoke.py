@@ -69,6 +69,16 @@ def test_bench_quadratic_smoke(tmp_path):
   _positive(repeat, "first_step_repeats_s")
   lo, hi = sorted([r["first_step_s"], repeat])
   assert f"| {(lo + hi) / 2:.2f} [{lo:.2f}–{hi:.2f}] |" in proc.stdout
+  # The first step split into JAX's own phase timings: each positive, together within it.
+  for phases, total in [(r["first_step_phases"], r["first_step_s"]),
+                        (r["first_step_repeats_phases"][0], repeat),
+                        (warm["first_step_phases"], warm["first_step_s"])]:
+    for name in ("trace_s", "lower_s", "xla_compile_s"):
+      _positive(phases[name], name)
+    assert sum(phases.values()) <= total, (phases, total)
+  # The warm cache skips XLA's work, not JAX's tracing and lowering.
+  assert warm["first_step_phases"]["xla_compile_s"] < cold["first_step_phases"]["xla_compile_s"]
+  assert "First step, quadratic on 1 devices (median of 2 cold processes, s): trace " in proc.stdout
   assert math.isfinite(r["final_meta_loss"])
   for name in ("loadavg_before", "loadavg_after"):
     assert len(r[name]) == 3 and all(math.isfinite(x) and x >= 0 for x in r[name])
