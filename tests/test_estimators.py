@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import diverging_family
 from lopt_tpu.learned_optimizers import meta_sgd
 from lopt_tpu.outer import truncation
 from lopt_tpu.outer import unroll as unroll_lib
@@ -177,20 +178,6 @@ def test_per_task_meta_loss_is_nan_when_nothing_is_valid():
   np.testing.assert_allclose([avg[2], last[0]], [3.0, 4.0])
 
 
-class _SometimesDivergingFamily(tasks_base.TaskFamily):
-  """Quadratics of curvature 1 or (with probability 1/2) 1000: at lr 0.1, SGD multiplies the
-  latter's distance to the target by 99 a step, so within 20 steps it overflows to inf."""
-
-  name = "sometimes_diverging"
-
-  def sample(self, key):
-    return {"scale": jnp.where(jax.random.uniform(key) < 0.5, 1000.0, 1.0)}
-
-  def task_fn(self, task_params):
-    return quadratics.QuadraticTask(2, target=jnp.ones(2),
-                                    scale=jnp.full([2], task_params["scale"]))
-
-
 @pytest.mark.parametrize("make,some_dropped", [(lambda u: full.FullGrad(u, 20), True),
                                                (lambda u: truncated.TruncatedGrad(u, 10), False)])
 def test_a_diverging_task_only_drops_its_own_gradient(make, some_dropped):
@@ -201,7 +188,8 @@ def test_a_diverging_task_only_drops_its_own_gradient(make, some_dropped):
   # runs restart when they diverge, so its huge gradients here stay finite: nothing dropped.)
   num_tasks = 6
   lopt = meta_sgd.MetaSGDWD(initial_lr=0.1, initial_wd=1e-3)
-  unroll = lambda n: unroll_lib.TruncatedUnroll(_SometimesDivergingFamily(), lopt,
+  family = diverging_family.SometimesDivergingFamily()
+  unroll = lambda n: unroll_lib.TruncatedUnroll(family, lopt,
                                                 truncation.ConstantTruncationSchedule(20), n)
   theta = lopt.init(jax.random.key(0))
   est = make(unroll(num_tasks))

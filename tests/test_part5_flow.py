@@ -51,9 +51,15 @@ def test_worker_and_central_learner_flow():
     weights = learner.get_state_for_worker(central)
     out = compute(weights, tuple(estimators), states, jax.random.fold_in(key, step))
     states = out.unroll_states
-    # Only gradients, one loss and scalar metrics travel to the learner, no unroll state.
-    # (the gradient as one flat buffer of theta's size).
-    assert len(jax.tree_util.tree_leaves(out.to_put)) == 2 + len(out.to_put.metrics)
+    # Only gradients, the estimators' losses and scalar metrics (with the weights that
+    # combine them over workers) travel to the learner, no unroll state (the gradient as one
+    # flat buffer of theta's size).
+    to_put = out.to_put
+    assert to_put.losses.shape == to_put.loss_weights.shape == (len(estimators),)
+    assert set(to_put.metric_weights) <= set(to_put.metrics)
+    assert len(jax.tree_util.tree_leaves(to_put)) == (
+        3 + len(to_put.metrics) + len(to_put.metric_weights))
+    assert all(np.ndim(x) == 0 for x in jax.tree_util.tree_leaves(to_put.metrics))
     assert out.to_put.theta_grads.shape == (
         sum(x.size for x in jax.tree_util.tree_leaves(theta0)),)
     central, metrics = learner.update(central, [out.to_put])

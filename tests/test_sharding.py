@@ -5,6 +5,8 @@ import numpy as np
 import optax
 import pytest
 
+import diverging_family
+from lopt_tpu.learned_optimizers import meta_sgd
 from lopt_tpu.learned_optimizers import mlp_lopt
 from lopt_tpu.outer import gradient_learner
 from lopt_tpu.outer import sharding
@@ -62,6 +64,37 @@ def test_sharded_step_equals_single_device(name, num_tasks):
     assert len(leaf.sharding.device_set) == 8
     assert leaf.shape[axis] == num_tasks
     assert leaf.addressable_shards[0].data.shape[axis] == num_tasks // 8
+
+
+DIVERGING = {
+    "truncated_pes": lambda u: pes.TruncatedPES(u, trunc_length=10),
+    "truncated_es": lambda u: truncated.TruncatedES(u, trunc_length=10),
+    "full_es": lambda u: full.FullES(u, num_steps=20),
+    "full_grad": lambda u: full.FullGrad(u, num_steps=20),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGING))
+def test_sharded_losses_equal_single_device_when_some_runs_diverge(name):
+  # Losses are means over valid entries only; shards with different numbers of valid entries
+  # (here: some of 8 devices hold only diverged runs) used to be averaged plainly, so the
+  # sharded loss and inner training loss differed from the unsharded ones (theta did not).
+  lopt = meta_sgd.MetaSGDWD(initial_lr=0.1, initial_wd=1e-3)
+  results = []
+  for mesh in (sharding.task_mesh(), None):
+    unroll = unroll_lib.TruncatedUnroll(diverging_family.SometimesDivergingFamily(), lopt,
+                                        truncation.ConstantTruncationSchedule(20), 8, 20)
+    learner = gradient_learner.SingleMachineGradientLearner(lopt, [DIVERGING[name](unroll)],
+                                                            optax.sgd(1.0), mesh=mesh)
+    key = jax.random.key(0)
+    _, loss, metrics = learner.update(learner.init(key), key)
+    results.append((float(loss), {k: float(v) for k, v in metrics.items()}))
+  (loss_s, metrics_s), (loss_1, metrics_1) = results
+  assert metrics_1[f"{name}/sometimes_diverging/diverged_frac"] > 0
+  np.testing.assert_allclose(loss_s, loss_1, rtol=1e-5)
+  assert metrics_s.keys() == metrics_1.keys()
+  for k in metrics_1:
+    np.testing.assert_allclose(metrics_s[k], metrics_1[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
 def test_indivisible_task_count_is_rejected():

@@ -40,10 +40,45 @@ class AggregatedGradient:
 
   `theta_grads` is the meta-gradient flattened like `jax.flatten_util.ravel_pytree(theta)`:
   one buffer to average over estimators, devices and hosts instead of one per leaf.
+  `losses` holds each estimator's mean meta-loss over its valid entries, `loss_weights` the
+  fraction of entries that were valid; `metric_weights` the same for the metrics that are
+  such masked means. `mean_over_shards` combines workers' (devices') parts with them exactly.
   """
   theta_grads: jax.Array  # [P]
-  mean_loss: jax.Array
+  losses: jax.Array  # [estimators]
+  loss_weights: jax.Array  # [estimators]
   metrics: Dict[str, jax.Array]
+  metric_weights: Dict[str, jax.Array]  # keys: the masked-mean metrics among `metrics`
+
+  @property
+  def mean_loss(self) -> jax.Array:
+    """The estimators' losses averaged with equal weight (as their gradients are)."""
+    return jnp.mean(self.losses)
+
+
+def _weighted(values: Dict[str, jax.Array], weights: Dict[str, jax.Array], combine):
+  return {k: combine(v, weights[k]) if k in weights else v for k, v in values.items()}
+
+
+def _divide(total: jax.Array, weight: jax.Array) -> jax.Array:
+  """total / weight, 0 where nothing was valid anywhere (as `masked_mean` gives)."""
+  return jnp.where(weight > 0, total / jnp.where(weight > 0, weight, 1.0), 0.0)
+
+
+def mean_over_shards(part: AggregatedGradient, average) -> AggregatedGradient:
+  """Combines equal-sized task shards' `AggregatedGradient`s into the whole's.
+
+  `average` averages a pytree over the shards (e.g. `sharding.mean_over_devices` inside
+  `shard_map`). Gradients and plain metrics are averaged as they are; a masked mean is
+  averaged as value x weight and divided by the averaged weight, so the result equals the
+  unsharded computation also when some shards have fewer valid entries (or none) than others.
+  All in one call of `average`, i.e. one all-reduce.
+  """
+  scaled = part.replace(losses=part.losses * part.loss_weights,
+                        metrics=_weighted(part.metrics, part.metric_weights, jnp.multiply))
+  total = average(scaled)
+  return total.replace(losses=_divide(total.losses, total.loss_weights),
+                       metrics=_weighted(total.metrics, total.metric_weights, _divide))
 
 
 @flax.struct.dataclass
@@ -75,21 +110,24 @@ def gradient_worker_compute(worker_weights: WorkerWeights,
   Pure and jit-compatible (estimators are static Python objects). Estimator i uses
   `fold_in(key, i)`, so adding an estimator does not change the others' random numbers.
   """
-  grads, losses, states, metrics = [], [], [], {}
+  grads, losses, loss_weights, states, metrics, metric_weights = [], [], [], [], {}, {}
   for i, (est, label) in enumerate(zip(estimators, estimator_labels(estimators))):
     out, state = est.compute_gradient_estimate(worker_weights.theta, unroll_states[i],
                                                jax.random.fold_in(key, i))
     grads.append(out.grad)
     losses.append(out.mean_loss)
+    loss_weights.append(out.loss_weight)
     states.append(state)
     if with_metrics:
       metrics[f"{label}/mean_loss"] = out.mean_loss
+      metric_weights[f"{label}/mean_loss"] = out.loss_weight
       metrics.update({f"{label}/{k}": v for k, v in out.metrics.items()})
-  mean = lambda xs: sum(xs) / len(xs)
-  grad = mean([jax.flatten_util.ravel_pytree(g)[0] for g in grads])
-  loss = mean(losses)
-  return WorkerComputeOut(to_put=AggregatedGradient(grad, loss, metrics), unroll_states=states,
-                          metrics=metrics)
+      metric_weights.update({f"{label}/{k}": w for k, w in out.metric_weights.items()})
+  grad = sum(jax.flatten_util.ravel_pytree(g)[0] for g in grads) / len(grads)
+  to_put = AggregatedGradient(theta_grads=grad, losses=jnp.stack(losses),
+                              loss_weights=jnp.stack(loss_weights), metrics=metrics,
+                              metric_weights=metric_weights)
+  return WorkerComputeOut(to_put=to_put, unroll_states=states, metrics=metrics)
 
 
 class GradientLearner:
@@ -188,7 +226,8 @@ class SingleMachineGradientLearner:
 
   With a `mesh` (see `sharding.task_mesh`), the task axis of every estimator's state is split
   over the mesh's devices and the step runs under `jax.shard_map`: each device advances its
-  tasks, and gradients, losses and metrics are `pmean`-ed before the (replicated) outer update.
+  tasks, and gradients, losses and metrics are averaged over devices in one all-reduce
+  (`mean_over_shards`: losses over their valid entries) before the (replicated) outer update.
   Task randomness depends on the global task index only, so the sharded step computes the same
   thing as the unsharded one.
   """
@@ -285,7 +324,8 @@ class SingleMachineGradientLearner:
     else:
       spec_r = jax.sharding.PartitionSpec()
       spec_t = self._state_specs(state.gradient_estimator_states)
-      outs = jax.shard_map(functools.partial(step, reduce=sharding.mean_over_devices),
+      reduce = functools.partial(mean_over_shards, average=sharding.mean_over_devices)
+      outs = jax.shard_map(functools.partial(step, reduce=reduce),
                            mesh=self.mesh, in_specs=(spec_r, spec_t, spec_r),
                            out_specs=(spec_r, spec_t, spec_r, spec_r))(
                                learner_state, state.gradient_estimator_states, key)

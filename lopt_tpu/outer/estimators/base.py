@@ -2,7 +2,10 @@
 
 An estimator turns meta-parameters `theta` and its worker state (the inner runs it is
 advancing) into an estimate of d(meta-loss)/d(theta). All of its outputs are *means over the
-tasks it holds*, so that equal-sized shards combine exactly with `lax.pmean`.
+tasks it holds*, so that equal-sized shards combine exactly by averaging: the gradient and the
+fractions are plain means, and each loss, a mean over the valid entries only, comes with its
+weight (the fraction of entries that were valid) so that shards are averaged in proportion to
+what they scored (`masked_mean` of the shards' values, see `GradientEstimate`).
 """
 
 from typing import Any, Dict
@@ -20,9 +23,18 @@ META_LOSS_TYPES = ("average", "last")
 
 @flax.struct.dataclass
 class GradientEstimate:
+  """An estimator's output over the tasks it holds.
+
+  `mean_loss` and the metrics named in `metric_weights` are means over valid entries only;
+  `loss_weight` / `metric_weights[name]` is the fraction of entries that were valid. Shards of
+  the tasks combine exactly as sum(value * weight) / sum(weight) (plain averaging would let a
+  shard whose runs all diverged, reporting 0, pull the mean down).
+  """
   grad: Any  # same tree as theta
   mean_loss: jax.Array
   metrics: Dict[str, jax.Array]
+  loss_weight: jax.Array
+  metric_weights: Dict[str, jax.Array]
 
 
 class GradientEstimator:
@@ -138,7 +150,7 @@ def per_task_backprop(per_task_loss_fn, theta, num_tasks: int):
 
   (_, (per_task, out, extra)), grads = jax.value_and_grad(total_loss, has_aux=True)(thetas)
   grad, ok, bad = _mean_of_finite_tasks(jax.tree_util.tree_map(lambda g: g[0], grads), per_task)
-  return finish(grad, masked_mean(per_task, ok), out, nonfinite_frac=bad), extra
+  return finish(grad, per_task, ok, out, nonfinite_frac=bad), extra
 
 
 def _mean_of_finite_tasks(per_task_grads, per_task_loss: jax.Array):
@@ -171,21 +183,28 @@ def sanitize_grad(grad):
   return clean, bad / max(total, 1)
 
 
-def step_metrics(out: unroll_lib.StepOut) -> Dict[str, jax.Array]:
-  """Means over steps, samples and tasks: restarts, divergences, training loss."""
+def step_metrics(out: unroll_lib.StepOut):
+  """Means over steps, samples and tasks: restarts, divergences, training loss (over its
+  finite entries). Returns (metrics, weights of the masked ones)."""
   f32 = jnp.float32
-  return {
+  finite = jnp.isfinite(out.loss)
+  metrics = {
       "restart_frac": jnp.mean(out.is_done.astype(f32)),
       "diverged_frac": jnp.mean(out.diverged.astype(f32)),
-      "inner_train_loss": masked_mean(out.loss, jnp.isfinite(out.loss)),
+      "inner_train_loss": masked_mean(out.loss, finite),
   }
+  return metrics, {"inner_train_loss": jnp.mean(finite.astype(f32))}
 
 
-def finish(grad, mean_loss, out: unroll_lib.StepOut, nonfinite_frac=None) -> GradientEstimate:
-  """Sanitizes the gradient and adds the step metrics. `nonfinite_frac`: the fraction of
+def finish(grad, losses: jax.Array, valid: jax.Array, out: unroll_lib.StepOut,
+           nonfinite_frac=None) -> GradientEstimate:
+  """The estimate: the sanitized gradient, the mean of `losses` over its `valid` entries (with
+  their fraction as its weight) and the step metrics. `nonfinite_frac`: the fraction of
   non-finite gradient entries when the caller already removed them (default: `grad`'s)."""
   grad, bad = sanitize_grad(grad)
-  metrics = step_metrics(out)
+  metrics, metric_weights = step_metrics(out)
   metrics["nonfinite_grad_frac"] = jnp.asarray(bad if nonfinite_frac is None else nonfinite_frac,
                                                jnp.float32)
-  return GradientEstimate(grad=grad, mean_loss=mean_loss, metrics=metrics)
+  return GradientEstimate(grad=grad, mean_loss=masked_mean(losses, valid), metrics=metrics,
+                          loss_weight=jnp.mean(valid.astype(jnp.float32)),
+                          metric_weights=metric_weights)

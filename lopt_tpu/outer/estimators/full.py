@@ -111,5 +111,4 @@ class FullES(_FullEpisode):
     both = jnp.isfinite(per_task[0]) & jnp.isfinite(per_task[1])
     delta = jnp.where(both, per_task[0] - per_task[1], 0.0)
     grad = base.weighted_task_mean(delta / (2 * self.std ** 2), eps)
-    mean_loss = base.masked_mean(jnp.mean(per_task, axis=0), both)
-    return base.finish(grad, mean_loss, out), state
+    return base.finish(grad, jnp.mean(per_task, axis=0), both, out), state

@@ -101,7 +101,6 @@ class TruncatedPES(base.GradientEstimator):
     grad = base.weighted_task_mean(old_weight, xi) + base.weighted_task_mean(new_weight, eps)
     restarted = jnp.any(done, axis=0)
     accumulator = jnp.where(restarted[:, None], eps, xi)
-    mean_loss = base.masked_mean(jnp.mean(out.meta_loss, axis=1), valid)
-    estimate = base.finish(grad, mean_loss, out)
+    estimate = base.finish(grad, jnp.mean(out.meta_loss, axis=1), valid, out)
     return estimate.replace(grad=unravel(estimate.grad)), PESState(pair=states,
                                                                    accumulator=accumulator)

@@ -83,6 +83,5 @@ class TruncatedES(_Truncated):
     valid = out.valid[:, 0] & out.valid[:, 1]  # [K, T]
     delta = base.masked_mean(out.meta_loss[:, 0] - out.meta_loss[:, 1], valid, axis=0)
     grad = base.weighted_task_mean(delta / (2 * self.std ** 2), eps)
-    mean_loss = base.masked_mean(jnp.mean(out.meta_loss, axis=1), valid)
     next_state = TruncatedState(jax.tree_util.tree_map(lambda x: x[0], states))
-    return base.finish(grad, mean_loss, out), next_state
+    return base.finish(grad, jnp.mean(out.meta_loss, axis=1), valid, out), next_state
