@@ -195,6 +195,24 @@ def test_nn_adam_starts_as_adam():
   np.testing.assert_allclose(state.b1_prod, 0.9 ** 3, rtol=0.01)
 
 
+@pytest.mark.parametrize("beta,shift", [(1, 17.), (2, 10.), (2, 40.)])
+def test_nn_adam_betas_saturating_to_one_keep_params_finite(beta, shift):
+  # float32 rounds sigmoid(logit(0.999) + 10) to exactly 1.0; the bias correction then divided
+  # 0 by 0 and every param became NaN on the first step. Betas are capped just below 1.
+  lopt, theta = _lopt_and_theta("nn_adam")
+  readout = theta["controller"]["params"]["readout"]
+  theta["controller"]["params"]["readout"] = {
+      "kernel": jnp.zeros_like(readout["kernel"]),
+      "bias": jnp.zeros_like(readout["bias"]).at[beta].set(shift)}
+  opt = lopt.opt_fn(theta)
+  params = {"w": jnp.linspace(-1., 1., 6).reshape(2, 3), "b": jnp.asarray([0.5, -2.])}
+  state = opt.init(params)
+  for i in range(3):
+    state = opt.update(state, jax.tree_util.tree_map(lambda x, i=i: jnp.cos(x + i), params))
+    for leaf in jax.tree_util.tree_leaves(opt.get_params(state)):
+      assert np.all(np.isfinite(leaf)), (i, opt.get_params(state))
+
+
 def test_hparam_controller_starts_at_base_lr_and_needs_loss():
   lopt, theta = _lopt_and_theta("hparam_controller")
   opt = lopt.opt_fn(theta)

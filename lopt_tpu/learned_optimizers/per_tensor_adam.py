@@ -26,8 +26,14 @@ def init_moments(layout: feat.FlatLayout) -> Dict[str, jax.Array]:
           "b1_prod": jnp.ones([num], jnp.float32), "b2_prod": jnp.ones([num], jnp.float32)}
 
 
+# Betas are capped here: in float32 a controller's sigmoid(logit(0.999) + 10) is exactly 1.0,
+# and then 1 - prod(betas) = 0 makes the bias correction 0 / 0 (NaN params on the first step).
+# 1 - 2**-20 is a moving average over ~10^6 steps, beyond any run; smaller betas pass unchanged.
+MAX_BETA = 1.0 - 2.0**-20
+
+
 def step(g, m, v, b1_prod, b2_prod, lr, b1, b2, eps, layout: feat.FlatLayout, v_floor: float):
-  """One Adam step with per-tensor lr / b1 / b2 ([T] each).
+  """One Adam step with per-tensor lr / b1 / b2 ([T] each; betas capped at MAX_BETA).
 
   Args:
     g, m, v: [P] flat gradient and moments.
@@ -38,6 +44,7 @@ def step(g, m, v, b1_prod, b2_prod, lr, b1, b2, eps, layout: feat.FlatLayout, v_
   Returns:
     (the [P] update to subtract from the params, new moments: a dict like `init_moments`).
   """
+  b1, b2 = jnp.minimum(b1, MAX_BETA), jnp.minimum(b2, MAX_BETA)
   b1_prod, b2_prod = b1_prod * b1, b2_prod * b2
   per_param = lambda x: feat.broadcast_segments(x, layout)
   m = per_param(b1) * m + (1. - per_param(b1)) * g
