@@ -219,9 +219,9 @@ def export(args):
       "name": args.name,
       "learned_optimizer": {"name": config.learned_optimizer.name,
                             "kwargs": config.learned_optimizer.kwargs.to_dict()},
-      "theta_sha256": train.theta_fingerprint(theta),
+      "theta_sha256": pretrained.theta_fingerprint(theta),
       "theta": {"averaged_outer_steps": steps,
-                "final_theta_sha256": train.theta_fingerprint(thetas[-1])},
+                "final_theta_sha256": pretrained.theta_fingerprint(thetas[-1])},
       "meta_training": {
           "command": f"python main.py --config={os.path.relpath(args.config, REPO)} "
                      "--workdir=WORKDIR",

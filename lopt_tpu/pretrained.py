@@ -11,12 +11,14 @@ and the figures measured with it against tuned Adam).
   tx = lopt_tpu.as_optax(learned_opt, theta)   # an optax.GradientTransformation
 """
 
+import hashlib
 import json
 import os
 from typing import Any, Dict, List, Tuple
 
 import flax
 import jax
+import numpy as np
 
 from lopt_tpu import registry
 from lopt_tpu.learned_optimizers import base as lopt_base
@@ -26,6 +28,18 @@ DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained
 
 class UnknownPretrainedError(KeyError):
   """No pretrained optimizer of that name ships with the package."""
+
+
+class CorruptPretrainedError(ValueError):
+  """A .msgpack that does not match its sidecar (architecture or recorded fingerprint)."""
+
+
+def theta_fingerprint(theta) -> str:
+  """A hash of theta's exact bytes: equal fingerprints mean bitwise-equal meta-parameters."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(jax.device_get(theta)):
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()[:16]
 
 
 def list() -> List[str]:  # pylint: disable=redefined-builtin
@@ -67,11 +81,27 @@ def load(name: str, directory: str = DIRECTORY) -> Tuple[lopt_base.LearnedOptimi
   Returns:
     The learned optimizer, rebuilt from the sidecar, and its trained theta.
   """
-  learned_opt = build(metadata(name, directory))
+  meta = metadata(name, directory)
+  learned_opt = build(meta)
   # The architecture's own init gives the tree structure, shapes and dtypes to restore into.
   template = learned_opt.init(jax.random.key(0))
-  with open(_path(name, "msgpack", directory), "rb") as f:
+  path = _path(name, "msgpack", directory)
+  with open(path, "rb") as f:
     theta = flax.serialization.from_bytes(template, f.read())
+  # from_bytes checks the keys only: a theta of another architecture would fail later, inside
+  # jit, and a modified file would load silently.
+  for (where, want), got in zip(jax.tree_util.tree_leaves_with_path(template),
+                                jax.tree_util.tree_leaves(theta)):
+    got, want = jax.ShapeDtypeStruct(np.shape(got), got.dtype), jax.typeof(want)
+    if got.shape != want.shape or got.dtype != want.dtype:
+      raise CorruptPretrainedError(
+          f"{path}: theta{jax.tree_util.keystr(where)} is {got.dtype}{got.shape}, but the "
+          f"sidecar's {meta['learned_optimizer']['name']} needs {want.dtype}{want.shape}")
+  expected = meta.get("theta_sha256")
+  if expected and theta_fingerprint(theta) != expected:
+    raise CorruptPretrainedError(
+        f"{path}: theta's fingerprint is {theta_fingerprint(theta)}, its sidecar records "
+        f"{expected}: the file was changed or belongs to another run")
   return learned_opt, theta
 
 

@@ -6,7 +6,6 @@ outer state is checkpointed, so a run killed at any moment and restarted ends bi
 an uninterrupted one.
 """
 
-import hashlib
 import signal
 import time
 from typing import Any, Dict
@@ -20,6 +19,7 @@ from lopt_tpu import config_checks
 from lopt_tpu import distributed
 from lopt_tpu import eval_run
 from lopt_tpu import experiment
+from lopt_tpu import pretrained
 from lopt_tpu.outer import unroll as unroll_lib
 
 INIT_STREAM, TRAIN_STREAM = 0, 1  # fold_in(seed key, stream) separates uses of the seed
@@ -104,17 +104,9 @@ def train_and_evaluate(config, workdir: str) -> Any:
     ckpt.close()
     writer.flush()
   logging.info("Final theta of process %d: sha256 %s", jax.process_index(),
-               theta_fingerprint(_theta(state)))
+               pretrained.theta_fingerprint(_theta(state)))
   distributed.barrier("train_and_evaluate_done")
   return state
-
-
-def theta_fingerprint(theta) -> str:
-  """A hash of theta's exact bytes: equal fingerprints mean bitwise-equal meta-parameters."""
-  digest = hashlib.sha256()
-  for leaf in jax.tree_util.tree_leaves(jax.device_get(theta)):
-    digest.update(np.ascontiguousarray(leaf).tobytes())
-  return digest.hexdigest()[:16]
 
 
 def one_step_in_flight() -> bool:

@@ -7,6 +7,10 @@ and the learned optimizer, over SHORT steps and 2 held-out seeds. Re-running the
 optimizer here must still beat that Adam mean-loss figure and reproduce its own recorded figures.
 """
 
+import json
+import pathlib
+
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +39,38 @@ def test_list_and_sidecar():
 def test_unknown_name_lists_what_ships():
   with pytest.raises(pretrained.UnknownPretrainedError, match=NAME):
     pretrained.load("no_such_optimizer")
+
+
+def _copy_shipped(tmp_path):
+  for ext in ("json", "msgpack"):
+    (tmp_path / f"{NAME}.{ext}").write_bytes(
+        (pathlib.Path(pretrained.DIRECTORY) / f"{NAME}.{ext}").read_bytes())
+  return json.loads((tmp_path / f"{NAME}.json").read_text())
+
+
+def test_the_shipped_theta_matches_its_recorded_fingerprint():
+  _, theta = pretrained.load(NAME)
+  assert pretrained.theta_fingerprint(theta) == pretrained.metadata(NAME)["theta_sha256"]
+
+
+def test_a_theta_of_another_architecture_is_refused_at_load(tmp_path):
+  # flax's from_bytes checks the keys only: a sidecar naming a different architecture with the
+  # same keys used to load, and failed later inside jit (or not at all).
+  meta = _copy_shipped(tmp_path)
+  assert meta["learned_optimizer"]["kwargs"]["hidden_sizes"] == [32]
+  meta["learned_optimizer"]["kwargs"]["hidden_sizes"] = [64]
+  (tmp_path / f"{NAME}.json").write_text(json.dumps(meta))
+  with pytest.raises(pretrained.CorruptPretrainedError, match="needs float32"):
+    pretrained.load(NAME, directory=str(tmp_path))
+
+
+def test_a_changed_theta_file_is_refused_at_load(tmp_path):
+  _copy_shipped(tmp_path)
+  _, theta = pretrained.load(NAME)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, theta)
+  (tmp_path / f"{NAME}.msgpack").write_bytes(flax.serialization.to_bytes(zeros))
+  with pytest.raises(pretrained.CorruptPretrainedError, match="fingerprint"):
+    pretrained.load(NAME, directory=str(tmp_path))
 
 
 def test_still_beats_tuned_adam_on_short_horizon():
