@@ -218,7 +218,8 @@ def evaluate(learned_opt: lopt_base.LearnedOptimizer, theta: Any, task: tasks_ba
   for i, lr in enumerate(lrs):
     curves[adam_name(lr)] = _as_curves(train[i], valid[i], num_steps, eval_every)
   summaries = {name: summarize(c) for name, c in curves.items()}
-  best = int(np.argmin([summaries[adam_name(lr)]["mean_loss_mean"] for lr in lrs]))
+  best = min(range(len(lrs)), key=lambda i: (summaries[adam_name(lrs[i])]["mean_loss_mean"],
+                                             lrs[i]))
   return EvalResult(task_name=getattr(task, "name", type(task).__name__),
                     learned_name=getattr(learned_opt, "name", type(learned_opt).__name__),
                     num_steps=num_steps, seeds=tuple(int(s) for s in seeds),

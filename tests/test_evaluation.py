@@ -116,6 +116,14 @@ def test_evaluate_picks_the_obviously_best_adam_lr(quadratic_result):
                                                   for lr in evaluation.ADAM_SWEEP]
 
 
+def test_tied_adam_rates_go_to_the_smaller_whatever_the_sweep_order():
+  flat = quadratics.QuadraticTask(dim=3, target=TARGET, scale=np.zeros(3, np.float32))
+  result = evaluation.evaluate(meta_sgd.MetaSGDWD(), _sgd_theta(0.05), flat, 5, seeds=(0,),
+                               adam_learning_rates=(0.1, 0.03, 0.01, 0.3))
+  assert len({s["mean_loss_mean"] for s in result.summaries.values()}) == 1  # all tied
+  assert result.best_adam_lr == 0.01
+
+
 def test_evaluate_runs_every_optimizer_on_the_same_seeds(quadratic_result):
   task, result = quadratic_result
   keys = evaluation.seed_keys((0, 1))
