@@ -33,8 +33,11 @@ def _fixed(name: str, make_task: Callable) -> Callable:
   return make
 
 
-def _image_mlp_family(dataset: str = "digits8", **kwargs):
-  return image_mlp.ImageMLPFamily(datasets.load_dataset(dataset), **kwargs)
+def _image_mlp_family(dataset: str = "digits8", data_dir=None, download=None, **kwargs):
+  """`data_dir` / `download` go to a TFDS dataset's loader, as for `fmnist8_mlp`."""
+  loader_kwargs = {k: v for k, v in (("data_dir", data_dir), ("download", download))
+                   if v is not None}
+  return image_mlp.ImageMLPFamily(datasets.load_dataset(dataset, **loader_kwargs), **kwargs)
 
 
 TASK_FAMILIES: Dict[str, Callable] = {

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from lopt_tpu import registry
 from lopt_tpu.tasks import datasets
 from lopt_tpu.tasks import image_mlp
 
@@ -125,6 +126,21 @@ def test_resize_averages_areas():
   assert small.dtype == np.uint8 and small.shape == (8, 8)
   np.testing.assert_array_equal(small[:, :4], 0)
   np.testing.assert_array_equal(small[:, 4:], 200)
+
+
+@pytest.mark.usefixtures("fresh_fmnist_cache")
+def test_image_mlp_family_passes_data_dir_and_download_to_its_dataset(tmp_path):
+  # It used to accept neither, so a family on Fashion-MNIST could only use TFDS's default
+  # directory, and offline it retried the download for minutes instead of failing at once.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  make = registry.get("task family", "image_mlp_family")
+  start = time.perf_counter()
+  with pytest.raises(datasets.DatasetUnavailableError, match="fashion_mnist8"):
+    make(dataset="fashion_mnist8", data_dir=str(tmp_path), download=False)
+  assert time.perf_counter() - start < 10.0
+  with tfds.testing.mock_data(num_examples=24):
+    family = make(dataset="fashion_mnist8", data_dir=str(tmp_path))
+  assert family.dataset.name == "fashion_mnist8"
 
 
 @pytest.mark.usefixtures("fresh_fmnist_cache")
