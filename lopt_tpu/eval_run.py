@@ -21,6 +21,11 @@ def eval_task(config):
   return task
 
 
+def report_path(workdir: str, step: int) -> str:
+  """The JSON record `evaluate_theta` writes for outer step `step` (with a .png and a .md)."""
+  return os.path.join(workdir, "eval", f"step_{step:06d}.json")
+
+
 def evaluate_theta(config, learned_opt, theta, workdir: str, writer, step: int):
   """Runs the comparison, writes the PNG/table report (process 0) and the eval scalars."""
   seeds = tuple(HELD_OUT_SEED_BASE + config.seed * 1000 + i for i in range(config.eval.num_seeds))
@@ -28,6 +33,8 @@ def evaluate_theta(config, learned_opt, theta, workdir: str, writer, step: int):
                                seeds=seeds,
                                adam_learning_rates=tuple(config.eval.adam_learning_rates))
   if jax.process_index() == 0:
-    evaluation.write_report(result, os.path.join(workdir, "eval"), prefix=f"step_{step:06d}")
+    path = report_path(workdir, step)
+    evaluation.write_report(result, os.path.dirname(path),
+                            prefix=os.path.basename(path)[:-len(".json")])
   evaluation.write_scalars(result, writer, step, with_plot=True)
   return result

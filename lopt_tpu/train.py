@@ -6,6 +6,7 @@ outer state is checkpointed, so a run killed at any moment and restarted ends bi
 an uninterrupted one.
 """
 
+import os
 import signal
 import time
 from typing import Any, Dict
@@ -135,6 +136,11 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
     ckpt.save(step, state)
     return step
 
+  if start and config.eval.every and start % config.eval.every == 0 and _not_evaluated(workdir,
+                                                                                     start):
+    # A stop (SIGTERM) during step `start` saved it but left its evaluation to this run.
+    eval_run.evaluate_theta(config, exp.learned_opt, _theta(state), workdir, writer, start)
+    evaluated = start
   for step in range(start + 1, config.num_outer_steps + 1):
     state, loss, metrics = exp.learner.update(state, train_key)
     if wait:
@@ -162,9 +168,20 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
         saved = save(step, state)
       logging.warning("SIGTERM: saved outer step %d and stopping.", step)
       return state
-  if config.eval.at_end and step == config.num_outer_steps and evaluated != step:
+  if (config.eval.at_end and step == config.num_outer_steps and evaluated != step
+      and _not_evaluated(workdir, step)):  # e.g. a finished run launched again
     eval_run.evaluate_theta(config, exp.learned_opt, _theta(state), workdir, writer, step)
   return state
+
+
+def _not_evaluated(workdir: str, step: int) -> bool:
+  """Whether outer step `step` has no evaluation report yet (as process 0, which writes the
+  reports, sees it: every process must make the same choice)."""
+  missing = not os.path.exists(eval_run.report_path(workdir, step))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
+  return missing
 
 
 def _theta(state):

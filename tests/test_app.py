@@ -76,6 +76,28 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_report(tmp_path):
   assert "adam@0.1" in open(f"{workdir}/eval/step_000006.md").read()
 
 
+def test_a_resume_evaluates_the_saved_step_whose_evaluation_was_skipped(tmp_path):
+  # A SIGTERM during an evaluation step saves that step and skips its evaluation (the grace
+  # period is short); the resumed run must evaluate it, or that point of the schedule is lost.
+  # Here the first run simply had no evaluations; the second evaluates every 2 steps.
+  workdir = str(tmp_path)
+  config = test_config.get_config()
+  config.num_outer_steps, config.eval.every, config.eval.at_end = 2, 0, False
+  config.eval.num_steps = 5
+  train.train_and_evaluate(config, workdir)
+  assert not os.path.exists(f"{workdir}/eval/step_000002.json")
+  config.num_outer_steps, config.eval.every = 3, 2
+  train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(f"{workdir}/eval")) == [
+      "step_000002.json", "step_000002.md", "step_000002.png"]
+  # A finished run launched again evaluates nothing more (it used to redo the final one).
+  config.eval.at_end = True
+  train.train_and_evaluate(config, workdir)
+  written = os.path.getmtime(f"{workdir}/eval/step_000003.json")
+  train.train_and_evaluate(config, workdir)
+  assert os.path.getmtime(f"{workdir}/eval/step_000003.json") == written
+
+
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
   overrides = ["--config.num_outer_steps=14", "--config.eval.at_end=False",
                "--config.log_every=1"]
