@@ -86,6 +86,8 @@ def check_sizes(config, device_count: int):
   if est.name not in registry.FULL_EPISODE_ESTIMATORS and est.trunc_length > est.max_length:
     _fail("estimator.trunc_length", est.trunc_length,
           f"must be <= estimator.max_length ({est.max_length}), the longest inner run")
+  if not 0 <= config.seed < 2**32:
+    _fail("seed", config.seed, "must be an integer in [0, 2**32)")
   _positive_finite("estimator.std", est.std)
   _zero_or_positive_finite("estimator.sign_delta_loss_scalar", est.sign_delta_loss_scalar)
   if est.random_initial_iteration_offset < 0:

@@ -26,6 +26,14 @@ class LaunchEnvironmentError(ValueError):
   """The LOPT_* multi-host environment variables are incomplete."""
 
 
+def _int_env(name: str) -> int:
+  try:
+    return int(os.environ[name])
+  except ValueError:
+    raise LaunchEnvironmentError(
+        f"{name}={os.environ[name]!r} is not an integer; set it to one") from None
+
+
 def maybe_initialize() -> bool:
   """Initializes multi-host JAX when asked to (env) or on a TPU pod; returns whether it did.
 
@@ -36,11 +44,16 @@ def maybe_initialize() -> bool:
     for name in ("LOPT_NUM_PROCESSES", "LOPT_PROCESS_ID"):
       if name not in os.environ:
         raise LaunchEnvironmentError(f"LOPT_COORDINATOR is set but {name} is not; set both")
+    num_processes, process_id = _int_env("LOPT_NUM_PROCESSES"), _int_env("LOPT_PROCESS_ID")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise LaunchEnvironmentError(
+          f"LOPT_PROCESS_ID={process_id} with LOPT_NUM_PROCESSES={num_processes}: need "
+          "NUM_PROCESSES >= 1 and 0 <= PROCESS_ID < NUM_PROCESSES")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator,
-        num_processes=int(os.environ["LOPT_NUM_PROCESSES"]),
-        process_id=int(os.environ["LOPT_PROCESS_ID"]),
+        num_processes=num_processes,
+        process_id=process_id,
         cluster_detection_method="deactivate",
         coordinator_bind_address=coordinator,
         initialization_timeout=INITIALIZATION_TIMEOUT_S,

@@ -6,6 +6,7 @@ import pytest
 
 from configs import default
 from lopt_tpu import config_checks
+from lopt_tpu import distributed
 
 
 def test_default_config_passes_the_name_checks():
@@ -84,6 +85,28 @@ def test_a_cpu_device_count_that_does_not_divide_the_tasks_names_cpu_devices():
   with pytest.raises(config_checks.ConfigError, match=r"config\.cpu_devices=3 is invalid: must "
                                                       r"divide estimator\.num_tasks \(4\)"):
     config_checks.check_sizes(config, 3)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**63])
+def test_a_seed_out_of_range_names_the_field(seed):
+  # 2**63 used to crash in jax.random.key with an OverflowError traceback.
+  config = default.get_config()
+  config.seed = seed
+  expected = rf"config\.seed={seed} is invalid: must be an integer in \[0, 2\*\*32\)"
+  with pytest.raises(config_checks.ConfigError, match=expected):
+    config_checks.check_sizes(config, 1)
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"LOPT_NUM_PROCESSES": "two", "LOPT_PROCESS_ID": "0"}, "LOPT_NUM_PROCESSES='two' is not"),
+    ({"LOPT_NUM_PROCESSES": "2", "LOPT_PROCESS_ID": "2"}, "0 <= PROCESS_ID < NUM_PROCESSES"),
+])
+def test_a_malformed_multihost_environment_is_one_clear_error(monkeypatch, env, message):
+  monkeypatch.setenv("LOPT_COORDINATOR", "127.0.0.1:1")
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  with pytest.raises(distributed.LaunchEnvironmentError, match=re.escape(message)):
+    distributed.maybe_initialize()
 
 
 def test_an_unwritable_compilation_cache_names_the_field(tmp_path):
