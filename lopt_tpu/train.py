@@ -51,12 +51,13 @@ def _accumulate(total, metrics):
 _all_finite = jax.jit(unroll_lib.all_finite)
 
 
-def _check_finite(step: int, scalars: Dict[str, float]):
+def _check_finite(step: int, scalars: Dict[str, float], last_saved: int):
   bad = sorted(k for k, v in scalars.items() if not np.isfinite(v))
   if bad:
-    raise NonFiniteError(f"non-finite {', '.join(bad)} at outer step {step}; the last good "
-                         "checkpoint is kept (lower outer_optimizer.learning_rate or set "
-                         "outer_optimizer.meta_grad_clip)")
+    kept = (f"the last good checkpoint (outer step {last_saved}) is kept" if last_saved
+            else "no checkpoint was written before it")
+    raise NonFiniteError(f"non-finite {', '.join(bad)} at outer step {step}; {kept} (lower "
+                         "outer_optimizer.learning_rate or set outer_optimizer.meta_grad_clip)")
 
 
 def init_state(exp: experiment.Experiment, seed: int):
@@ -132,7 +133,8 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
   def save(step, state):
     # Never keep a non-finite state as "the last good checkpoint": checked at every save, not
     # only at log steps (a resume from it would fail again at once).
-    _check_finite(step, {"theta": 0.0 if bool(_all_finite(_theta(state))) else float("nan")})
+    _check_finite(step, {"theta": 0.0 if bool(_all_finite(_theta(state))) else float("nan")},
+                  saved)
     ckpt.save(step, state)
     return step
 
@@ -150,7 +152,7 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
     report(step)
     if step % config.log_every == 0 or step == config.num_outer_steps:
       scalars = {k: float(v) / count for k, v in jax.device_get(total).items()}
-      _check_finite(step, scalars)
+      _check_finite(step, scalars, saved)
       elapsed = time.perf_counter() - t0
       scalars = {f"meta/{k}": v for k, v in scalars.items()}
       scalars["perf/outer_steps_per_s"] = count / elapsed

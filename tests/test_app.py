@@ -180,6 +180,7 @@ def test_a_non_finite_theta_is_never_checkpointed(tmp_path):
   assert result.returncode == 3, result.stderr[-2000:]
   errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
   assert len(errors) == 1 and "non-finite theta at outer step 2" in errors[0], errors
+  assert "no checkpoint was written before it" in errors[0], errors
   assert "Traceback" not in result.stderr
   assert not os.listdir(workdir / "checkpoints")
 
