@@ -9,6 +9,7 @@ coordinator is given by environment variables:
 import os
 
 import jax
+import numpy as np
 
 # A dead peer is noticed by heartbeats within this many seconds, and the job aborts instead of
 # hanging (measured: 6.5-10 s with 10 s; see shared/notes/multihost_on_cpu.md).
@@ -73,3 +74,12 @@ def barrier(name: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+
+
+def as_process_0_sees(flag: bool) -> bool:
+  """Process 0's `flag` on every process (no-op with one process): for choices that must be
+  the same everywhere but depend on what process 0 alone can see, e.g. files only it writes."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flag = bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+  return flag

@@ -21,9 +21,13 @@ def eval_task(config):
   return task
 
 
+def _report_prefix(step: int) -> str:
+  return f"step_{step:06d}"
+
+
 def report_path(workdir: str, step: int) -> str:
   """The JSON record `evaluate_theta` writes for outer step `step` (with a .png and a .md)."""
-  return os.path.join(workdir, "eval", f"step_{step:06d}.json")
+  return os.path.join(workdir, "eval", f"{_report_prefix(step)}.json")
 
 
 def evaluate_theta(config, learned_opt, theta, workdir: str, writer, step: int):
@@ -33,8 +37,7 @@ def evaluate_theta(config, learned_opt, theta, workdir: str, writer, step: int):
                                seeds=seeds,
                                adam_learning_rates=tuple(config.eval.adam_learning_rates))
   if jax.process_index() == 0:
-    path = report_path(workdir, step)
-    evaluation.write_report(result, os.path.dirname(path),
-                            prefix=os.path.basename(path)[:-len(".json")])
+    evaluation.write_report(result, os.path.dirname(report_path(workdir, step)),
+                            prefix=_report_prefix(step))
   evaluation.write_scalars(result, writer, step, with_plot=True)
   return result

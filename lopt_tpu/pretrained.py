@@ -97,11 +97,11 @@ def load(name: str, directory: str = DIRECTORY) -> Tuple[lopt_base.LearnedOptimi
       raise CorruptPretrainedError(
           f"{path}: theta{jax.tree_util.keystr(where)} is {got.dtype}{got.shape}, but the "
           f"sidecar's {meta['learned_optimizer']['name']} needs {want.dtype}{want.shape}")
-  expected = meta.get("theta_sha256")
-  if expected and theta_fingerprint(theta) != expected:
+  expected, found = meta.get("theta_sha256"), theta_fingerprint(theta)
+  if expected and found != expected:
     raise CorruptPretrainedError(
-        f"{path}: theta's fingerprint is {theta_fingerprint(theta)}, its sidecar records "
-        f"{expected}: the file was changed or belongs to another run")
+        f"{path}: theta's fingerprint is {found}, its sidecar records {expected}: the file was "
+        "changed or belongs to another run")
   return learned_opt, theta
 
 

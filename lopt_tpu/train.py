@@ -179,11 +179,7 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
 def _not_evaluated(workdir: str, step: int) -> bool:
   """Whether outer step `step` has no evaluation report yet (as process 0, which writes the
   reports, sees it: every process must make the same choice)."""
-  missing = not os.path.exists(eval_run.report_path(workdir, step))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
-  return missing
+  return distributed.as_process_0_sees(not os.path.exists(eval_run.report_path(workdir, step)))
 
 
 def _theta(state):
