@@ -28,9 +28,11 @@ def _env():
   return env
 
 
-def _main(workdir, *overrides, config="configs/test.py"):
+def _main(workdir, *overrides, config="configs/test.py", cache=None):
+  """main.py's command line; `cache`: a shared compilation cache instead of the workdir's."""
+  cache_flag = [f"--config.compilation_cache={cache}"] if cache else []
   return [sys.executable, os.path.join(ROOT, "main.py"), f"--config={config}",
-          f"--workdir={workdir}", *overrides]
+          f"--workdir={workdir}", *cache_flag, *overrides]
 
 
 def _final_theta(workdir, config):
@@ -46,7 +48,7 @@ def _scalars(workdir):
   return acc, tags
 
 
-def test_train_and_evaluate_writes_metrics_checkpoints_and_report(tmp_path):
+def test_train_and_evaluate_writes_metrics_checkpoints_and_report(tmp_path, compile_cache):
   workdir = str(tmp_path)
   config = test_config.get_config()
   state = train.train_and_evaluate(config, workdir)
@@ -67,7 +69,7 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_report(tmp_path):
   # The evaluation mode re-evaluates the newest checkpoint and rewrites its report.
   for path in glob.glob(f"{workdir}/eval/*"):
     os.remove(path)
-  result = subprocess.run(_main(workdir, "--mode=eval"), env=_env(), capture_output=True,
+  result = subprocess.run(_main(workdir, "--mode=eval", cache=compile_cache), env=_env(), capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   # orbax's step-by-step INFO lines (dozens per save or restore) are filtered out.
@@ -96,12 +98,13 @@ def test_a_resume_evaluates_the_saved_step_whose_evaluation_was_skipped(tmp_path
   assert os.path.getmtime(f"{workdir}/eval/step_000003.json") == written
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, compile_cache):
   overrides = ["--config.num_outer_steps=14", "--config.eval.at_end=False",
                "--config.log_every=1"]
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  subprocess.run(_main(straight, *overrides), env=_env(), check=True, capture_output=True,
-                 timeout=300)
+  # The reference run may load programs other tests compiled; the killed run compiles its own.
+  subprocess.run(_main(straight, *overrides, cache=compile_cache), env=_env(), check=True,
+                 capture_output=True, timeout=300)
   proc = subprocess.Popen(_main(killed, *overrides), env=_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
@@ -167,13 +170,14 @@ def test_a_config_error_is_reported_before_tensorflow_loads(tmp_path):
   assert not [m for m in imported if m.split(".")[0] in ("tensorflow", "clu")]
 
 
-def test_a_non_finite_theta_is_never_checkpointed(tmp_path):
+def test_a_non_finite_theta_is_never_checkpointed(tmp_path, compile_cache):
   # lr 1e39 overflows float32, so the first Adam step makes theta inf; step 2 is a checkpoint
   # step but not a log step, where finiteness used to be checked only: the run must stop there
   # with one line, keeping nothing.
   workdir = tmp_path / "work"
   result = subprocess.run(_main(str(workdir), "--config.outer_optimizer.learning_rate=1e39",
-                                "--config.log_every=4", "--config.checkpoint_every=2"),
+                                "--config.log_every=4", "--config.checkpoint_every=2",
+                                cache=compile_cache),
                           env=_env(), capture_output=True, text=True, timeout=120)
   assert result.returncode == 3, result.stderr[-2000:]
   errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]

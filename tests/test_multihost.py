@@ -38,15 +38,17 @@ def _env(devices, **extra):
   return env
 
 
-def _launch(workdir, num_processes, devices, log_dir):
+def _launch(workdir, num_processes, devices, log_dir, cache):
   port = _free_port()
   procs = []
   for i in range(num_processes):
     env = _env(devices, LOPT_COORDINATOR=f"127.0.0.1:{port}",
                LOPT_NUM_PROCESSES=str(num_processes), LOPT_PROCESS_ID=str(i))
     log = open(os.path.join(log_dir, f"process_{i}.log"), "w")
-    procs.append(subprocess.Popen([sys.executable, "main.py", f"--workdir={workdir}", *ARGS],
-                                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    command = [sys.executable, "main.py", f"--workdir={workdir}", *ARGS,
+               f"--config.compilation_cache={cache}"]
+    procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT))
   return procs
 
 
@@ -78,15 +80,16 @@ def _restored_theta(workdir):
   return step, state.gradient_learner_state.theta
 
 
-def test_two_processes_agree_with_one_process_of_four_devices(tmp_path):
+def test_two_processes_agree_with_one_process_of_four_devices(tmp_path, compile_cache):
   multi, single = tmp_path / "multi", tmp_path / "single"
   (tmp_path / "logs").mkdir()
-  codes = _wait_all(_launch(str(multi), 2, 2, str(tmp_path / "logs")))
+  codes = _wait_all(_launch(str(multi), 2, 2, str(tmp_path / "logs"), compile_cache))
   assert codes == [0, 0], open(tmp_path / "logs" / "process_1.log").read()[-3000:]
   prints = _fingerprints(str(tmp_path / "logs"))
   assert set(prints) == {"0", "1"} and prints["0"] == prints["1"]  # bitwise the same theta
   assert len(glob.glob(f"{multi}/events.out.tfevents.*")) == 1  # metrics written once
-  subprocess.run([sys.executable, "main.py", f"--workdir={single}", *ARGS], cwd=ROOT,
+  subprocess.run([sys.executable, "main.py", f"--workdir={single}", *ARGS,
+                  f"--config.compilation_cache={compile_cache}"], cwd=ROOT,
                  env=_env(4), check=True, capture_output=True, timeout=DEADLINE_S)
   (s_multi, theta_multi), (s_single, theta_single) = (_restored_theta(str(multi)),
                                                       _restored_theta(str(single)))
@@ -95,11 +98,11 @@ def test_two_processes_agree_with_one_process_of_four_devices(tmp_path):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-5)
 
 
-def test_killed_peer_ends_the_job_and_relaunch_resumes(tmp_path):
+def test_killed_peer_ends_the_job_and_relaunch_resumes(tmp_path, compile_cache):
   workdir = str(tmp_path / "work")
   logs = tmp_path / "logs"
   logs.mkdir()
-  procs = _launch(workdir, 2, 2, str(logs))
+  procs = _launch(workdir, 2, 2, str(logs), compile_cache)
   end = time.time() + DEADLINE_S
   while time.time() < end and not os.path.isdir(f"{workdir}/checkpoints/2"):
     time.sleep(0.1)
@@ -113,7 +116,7 @@ def test_killed_peer_ends_the_job_and_relaunch_resumes(tmp_path):
   assert survivor_exit_s < 30, survivor_exit_s  # and it does not hang
   relaunch_logs = tmp_path / "relaunch"
   relaunch_logs.mkdir()
-  codes = _wait_all(_launch(workdir, 2, 2, str(relaunch_logs)))
+  codes = _wait_all(_launch(workdir, 2, 2, str(relaunch_logs), compile_cache))
   assert codes == [0, 0], open(relaunch_logs / "process_0.log").read()[-3000:]
   log0 = open(relaunch_logs / "process_0.log").read()
   assert re.search(r"Resumed from the checkpoint of outer step [2-8]\.", log0), log0[-3000:]
