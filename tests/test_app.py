@@ -69,8 +69,8 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_report(tmp_path, comp
   # The evaluation mode re-evaluates the newest checkpoint and rewrites its report.
   for path in glob.glob(f"{workdir}/eval/*"):
     os.remove(path)
-  result = subprocess.run(_main(workdir, "--mode=eval", cache=compile_cache), env=_env(), capture_output=True,
-                          text=True, timeout=300)
+  result = subprocess.run(_main(workdir, "--mode=eval", cache=compile_cache), env=_env(),
+                          capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   # orbax's step-by-step INFO lines (dozens per save or restore) are filtered out.
   assert "checkpoint_manager.py" not in result.stderr, result.stderr[-3000:]
