@@ -42,11 +42,12 @@ def theta_fingerprint(theta) -> str:
   return digest.hexdigest()[:16]
 
 
-def list() -> List[str]:  # pylint: disable=redefined-builtin
-  """Names of the shipped learned optimizers (those with both a .msgpack and a .json)."""
-  if not os.path.isdir(DIRECTORY):
+def list(directory: str = DIRECTORY) -> List[str]:  # pylint: disable=redefined-builtin
+  """Names of the learned optimizers in `directory` (default: the shipped ones), i.e. those
+  with both a .msgpack and a .json."""
+  if not os.path.isdir(directory):
     return []
-  files = set(os.listdir(DIRECTORY))
+  files = set(os.listdir(directory))
   return sorted(f[:-len(".json")] for f in files
                 if f.endswith(".json") and f[:-len(".json")] + ".msgpack" in files)
 
@@ -59,8 +60,9 @@ def metadata(name: str, directory: str = DIRECTORY) -> Dict[str, Any]:
   """The sidecar of `name`: architecture, training config and provenance, measured figures."""
   path = _path(name, "json", directory)
   if not os.path.exists(path) or not os.path.exists(_path(name, "msgpack", directory)):
-    raise UnknownPretrainedError(
-        f"no pretrained learned optimizer {name!r}; shipped: {', '.join(list()) or 'none'}")
+    where = "shipped" if directory == DIRECTORY else f"in {directory!r}"
+    raise UnknownPretrainedError(f"no pretrained learned optimizer {name!r}; {where}: "
+                                 f"{', '.join(list(directory)) or 'none'}")
   with open(path) as f:
     return json.load(f)
 

@@ -41,6 +41,14 @@ def test_unknown_name_lists_what_ships():
     pretrained.load("no_such_optimizer")
 
 
+def test_unknown_name_in_a_directory_lists_that_directory(tmp_path):
+  (tmp_path / "mine.json").write_text("{}")
+  (tmp_path / "mine.msgpack").write_bytes(b"")
+  assert pretrained.list(str(tmp_path)) == ["mine"]
+  with pytest.raises(pretrained.UnknownPretrainedError, match=r"in '.*': mine\b"):
+    pretrained.load("no_such_optimizer", directory=str(tmp_path))
+
+
 def _copy_shipped(tmp_path):
   for ext in ("json", "msgpack"):
     (tmp_path / f"{NAME}.{ext}").write_bytes(
