@@ -15,6 +15,7 @@ import pytest
 
 from lopt_tpu.learned_optimizers import adafac_mlp_lopt
 from lopt_tpu.learned_optimizers import hparam_controller
+from lopt_tpu.learned_optimizers import features as feat
 from lopt_tpu.learned_optimizers import hypergrad_adam
 from lopt_tpu.learned_optimizers import meta_sgd
 from lopt_tpu.learned_optimizers import mlp_lopt
@@ -193,6 +194,33 @@ def test_nn_adam_starts_as_adam():
       np.testing.assert_allclose(opt.get_params(state)[k] - old[k], expected[k], rtol=0.05,
                                  atol=1e-6)
   np.testing.assert_allclose(state.b1_prod, 0.9 ** 3, rtol=0.01)
+
+
+def test_controller_signals_do_not_depend_on_the_gradient_scale():
+  # The cosines and the spike ratio are scale-free; fixed offsets of 1e-12 on mean squares used
+  # to swamp them at gradient RMS <= 1e-5 (hypergrad's cosine 0.80 -> 0.98 -> 0.09 -> 0.01).
+  layout = feat.layout_of({"w": jnp.zeros([64]), "b": jnp.zeros([8])})
+  rng = np.random.default_rng(0)
+  g = jnp.asarray(rng.normal(size=72), jnp.float32)
+  m = g + jnp.asarray(rng.normal(size=72), jnp.float32)  # cos(g, m) ~ 0.7
+  v = 0.3 + 0.1 * jnp.square(g)
+  b2_prod = jnp.asarray([0.9, 0.9])
+  hypergrad, nnadam = LOPTS["hypergrad_adam"](), LOPTS["nn_adam"]()
+  signals = jax.jit(lambda g, m, v: hypergrad.signals(g, m, v, b2_prod, layout))
+  cosine = jax.jit(lambda g, m: feat.tensor_cosine(g, m, layout))
+  ref_signals, ref_cosine = signals(g, m, v), cosine(g, m)
+  assert 0.3 < float(ref_signals[0][0]) < 0.99 and abs(float(ref_signals[1][0])) > 0.1
+  for scale in (1e-5, 1e-7, 1e-9):
+    for got, want in zip(signals(scale * g, scale * m, scale**2 * v), ref_signals):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cosine(scale * g, m), ref_cosine, rtol=1e-4, atol=1e-5)
+  # NNAdam's cosine feature is column 4 of its per-tensor summaries.
+  summaries = jax.jit(lambda g, m: nnadam.tensor_features(
+      jnp.ones_like(g), g, m, v, b2_prod, b2_prod, layout)[:, 4])
+  np.testing.assert_allclose(summaries(1e-7 * g, 1e-7 * m), summaries(g, m), rtol=1e-4,
+                             atol=1e-5)
+  # No history (zero momentum): 0, not NaN.
+  assert np.all(np.asarray(cosine(g, jnp.zeros_like(m))) == 0)
 
 
 @pytest.mark.parametrize("beta,shift", [(1, 17.), (2, 10.), (2, 40.)])

@@ -73,6 +73,41 @@ def segment_mean(x: jax.Array, layout: FlatLayout, axis: int = 0) -> jax.Array:
   return jnp.stack(means, axis=axis)
 
 
+def segment_max_abs(x: jax.Array, layout: FlatLayout) -> jax.Array:
+  """max |x| over each tensor's entries of the flat [P] `x`: [T] (0 for an empty tensor)."""
+  offs = _offsets(layout)
+  return jnp.stack([jnp.max(jnp.abs(x[int(a):int(b)])) if b > a else jnp.zeros([], x.dtype)
+                    for a, b in zip(offs[:-1], offs[1:])])
+
+
+# Below this a tensor counts as all zeros for `tensor_scale` (1 / scale must stay finite).
+MIN_SCALE = 1e-20
+
+
+def tensor_scale(x: jax.Array, layout: FlatLayout) -> jax.Array:
+  """Per-tensor max |x| of the flat [P] `x`, broadcast to [P], as a constant to autodiff; 1
+  where a tensor is (about) all zeros.
+
+  Dividing by it makes scale-free quantities (cosines, log ratios of second moments) exact at
+  any scale: the small offsets that keep their derivatives finite then act relative to the
+  tensor's own size (gradients of RMS 1e-6 used to be swamped by absolute offsets of 1e-12 on
+  their mean squares). A scale-free quantity has zero derivative along the scaling, so making
+  the scale a constant leaves its meta-gradient unchanged.
+  """
+  top = segment_max_abs(x, layout)
+  return broadcast_segments(jax.lax.stop_gradient(jnp.where(top > MIN_SCALE, top, 1.)), layout)
+
+
+def tensor_cosine(a: jax.Array, b: jax.Array, layout: FlatLayout) -> jax.Array:
+  """cos(a, b) over each tensor of the flat [P] `a`, `b`: [T]; 0 where either is all zeros,
+  with finite derivatives there, and the same at every scale of `a` and of `b`."""
+  mean = lambda x: segment_mean(x, layout)
+  a, b = a / tensor_scale(a, layout), b / tensor_scale(b, layout)
+  # Scaled to max |.| = 1, a non-zero tensor has mean square >= 1 / size >> 1e-12.
+  return mean(a * b) / (jnp.sqrt(mean(jnp.square(a)) + 1e-12) *
+                        jnp.sqrt(mean(jnp.square(b)) + 1e-12))
+
+
 def broadcast_segments(per_tensor: jax.Array, layout: FlatLayout, axis: int = 0) -> jax.Array:
   """Expands one entry per tensor along `axis` back to one per flat parameter."""
   axis = axis % per_tensor.ndim

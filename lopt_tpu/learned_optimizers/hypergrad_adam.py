@@ -124,13 +124,17 @@ class HypergradAdam(base.LearnedOptimizer):
 
   def signals(self, g, m, v, b2_prod, layout):
     """Per tensor, [T] each: cos(g, previous Adam direction m / sqrt(v)) and the clipped
-    log(mean g^2 / mean bias-corrected v). Both are 0 at the first step (no history yet)."""
+    log(mean g^2 / mean bias-corrected v). Both are 0 at the first step (no history yet), and
+    both are scale-free, so they are computed on g, m and sqrt(v) divided by one per-tensor
+    scale (`features.tensor_scale`): the same at gradient RMS 1e-2 and 1e-8."""
     mean = lambda x: feat.segment_mean(x, layout)
+    scale = feat.tensor_scale(jnp.maximum(jnp.abs(g), jnp.sqrt(v)), layout)
+    g, m, v = g / scale, m / scale, v / jnp.square(scale)
     # Offsets keep every derivative finite in float32 where a direction is exactly zero (the
     # first step): 1e-30 would give rsqrt' ~ 1e45 = inf, and 0 * inf = NaN meta-gradients.
+    # After the scaling they are 1e-12 of the tensor's own second moment.
     u = m * jax.lax.rsqrt(v + 1e-12)
-    cosine = mean(g * u) / (jnp.sqrt(mean(jnp.square(g)) + 1e-12) *
-                            jnp.sqrt(mean(jnp.square(u)) + 1e-12))
+    cosine = feat.tensor_cosine(g, u, layout)
     has_history = b2_prod < 1.
     v_hat = mean(v) / jnp.where(has_history, 1. - b2_prod, 1.)
     spike = jnp.clip(jnp.log((mean(jnp.square(g)) + 1e-12) / (v_hat + 1e-12)), -5., 5.)

@@ -98,9 +98,8 @@ class NNAdam(base.LearnedOptimizer):
     m_hat = m_new / feat.broadcast_segments(1. - b1_prod * self.b1, layout)
     v_hat = v_new / feat.broadcast_segments(1. - b2_prod * self.b2, layout)
     direction = m_hat / (jnp.sqrt(v_hat + 1e-30) + self.eps)
-    ms_g, ms_m = mean(jnp.square(g)), mean(jnp.square(m))
-    # The offset keeps rsqrt's derivative finite (a zero momentum at step 0 would give 0 * inf).
-    cosine = mean(g * m) * jax.lax.rsqrt(ms_g * ms_m + 1e-24)
+    ms_g = mean(jnp.square(g))
+    cosine = feat.tensor_cosine(g, m, layout)  # 0 at step 0 (zero momentum), any scale
     rank = np.asarray([len(s) for s in layout.shapes])
     return jnp.stack([
         recurrent.log_feature(ms_g), recurrent.log_feature(jnp.square(mean(jnp.abs(g)))),
