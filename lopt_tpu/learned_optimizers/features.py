@@ -123,6 +123,12 @@ def second_moment_normalize(x: jax.Array, layout: FlatLayout, eps: float = 1e-5,
                             axis: int = 0) -> jax.Array:
   """Divides each feature by its root-mean-square over the tensor it belongs to.
 
+  Exactly: by sqrt(mean square + eps), as learned_optimization does. With the default eps a
+  feature of RMS 1e-2 comes out at RMS 0.95, one of 1e-3 at 0.30 and one of 1e-4 at 0.03: the
+  offset damps the features of tiny tensors rather than blowing them up (thetas meta-trained
+  with it rely on that), so the learned optimizers built on it are scale-free only for
+  features of RMS above ~3e-3.
+
   `axis` is the flat-params axis: 0 for [P, F] (param-major), -1 for [F, P] (feature-major).
   """
   axis = axis % x.ndim

@@ -22,9 +22,10 @@ class PerParamMLP(base.LearnedOptimizer):
   """Step = d * exp(m * exp_mult) * step_mult, where (d, m) = MLP(param, grad, momentum).
 
   The three features are each divided by their root-mean-square over the tensor they belong
-  to, so the step size does not depend on the scale of a tensor's params or gradients (the raw
-  features of the textbook version make the initial step explode on large gradients). One
-  hidden layer; the MLP runs once over all parameters of the task as a [P, 3] matrix.
+  to (`features.second_moment_normalize`), so the step size does not grow with the scale of a
+  tensor's params or gradients (the raw features of the textbook version make the initial
+  step explode on large gradients); features of RMS below ~3e-3 are normalized only in part.
+  One hidden layer; the MLP runs once over all parameters of the task as a [P, 3] matrix.
 
   Args:
     decay: momentum decay, `m <- decay * m + (1 - decay) * g`.
