@@ -178,6 +178,33 @@ def test_quadratic_at_theta_init_is_sane(name):
     assert float(jnp.max(jnp.abs(opt.get_params(state) - params))) < 0.3
 
 
+@all_lopts
+def test_float64_params_keep_their_precision(name):
+  # The networks work on a float32 copy of the params; the step used to be applied to that
+  # copy, so with jax_enable_x64 float64 params were rounded to float32 at every step.
+  lopt, theta = _lopt_and_theta(name)
+  with jax.enable_x64(True):
+    opt = lopt.opt_fn(theta)
+    fine = np.asarray([1e-12, 3e-13, 0.0])  # below float32's resolution at 1 and 2
+    coarse = jnp.asarray([1.0, -2.0, 0.5], jnp.float64)
+
+    def two_steps(w):
+      params = {"w": w, "h": jnp.ones([2], jnp.bfloat16)}
+      state = opt.init(params)
+      for i in range(2):
+        grads = {"w": jnp.asarray([0.3, -0.1, 0.2], jnp.float64) * (i + 1),
+                 "h": jnp.full([2], 0.5, jnp.bfloat16)}
+        state = opt.update(state, grads, loss=jnp.asarray(1.0))
+      return opt.get_params(state)
+
+    new_fine, new_coarse = two_steps(coarse + fine), two_steps(coarse)
+    assert new_fine["w"].dtype == jnp.float64 and new_fine["h"].dtype == jnp.bfloat16
+    assert not np.array_equal(np.asarray(new_coarse["w"]), np.asarray(coarse))  # it moved
+    # Both see the same float32 features, so take the same steps: the fine digits survive.
+    np.testing.assert_allclose(np.asarray(new_fine["w"]) - np.asarray(new_coarse["w"]), fine,
+                               rtol=1e-3, atol=1e-15)
+
+
 def test_nn_adam_starts_as_adam():
   lopt, theta = _lopt_and_theta("nn_adam")
   opt = lopt.opt_fn(theta)

@@ -141,6 +141,6 @@ class _AdafacMLPLOptOptimizer(opt_base.Optimizer):
     out = lopt.net.apply(self.theta, jnp.concatenate([per_param, time], axis=1))
     step = networks.direction_magnitude_step(out, lopt.step_mult, lopt.exp_mult)
     return AdafacMLPLOptState(
-        params=feat.unflatten(layout, p - step),
+        params=feat.apply_step(opt_state.params, layout, step),
         model_state=opt_state.model_state if model_state is None else model_state,
         iteration=opt_state.iteration + 1, momenta=momenta, rms=rms, factored=tuple(factored))

@@ -43,11 +43,15 @@ def flatten(tree, dtype=jnp.float32) -> jax.Array:
   return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
 
 
-def unflatten(layout: FlatLayout, flat: jax.Array):
-  splits = np.cumsum(layout.sizes)[:-1]
-  parts = jnp.split(flat, splits) if layout.sizes else []
-  leaves = [p.reshape(s).astype(d) for p, s, d in zip(parts, layout.shapes, layout.dtypes)]
-  return jax.tree_util.tree_unflatten(layout.treedef, leaves)
+def apply_step(params, layout: FlatLayout, step: jax.Array):
+  """`params - step` for the flat float32 [P] `step`, leaf by leaf in each leaf's own precision
+  (at least float32), so that float64 params (jax_enable_x64) keep their precision: computed
+  on the flat float32 copy they were rounded to float32 at every step, even a zero one."""
+  leaves = jax.tree_util.tree_leaves(params)
+  parts = jnp.split(step, np.cumsum(layout.sizes)[:-1]) if layout.sizes else []
+  new = [(x.astype(jnp.promote_types(x.dtype, jnp.float32)) - d.reshape(x.shape)).astype(x.dtype)
+         for x, d in zip(leaves, parts)]
+  return jax.tree_util.tree_unflatten(layout.treedef, new)
 
 
 def _offsets(layout: FlatLayout) -> np.ndarray:

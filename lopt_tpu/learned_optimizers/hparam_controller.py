@@ -121,9 +121,8 @@ class _HParamControllerOptimizer(opt_base.Optimizer):
 
     layout = feat.layout_of(opt_state.params)
     momentum = lopt.momentum * opt_state.momentum + feat.flatten(grads)
-    params = feat.flatten(opt_state.params) - lr * momentum
     return HParamControllerState(
-        params=feat.unflatten(layout, params),
+        params=feat.apply_step(opt_state.params, layout, lr * momentum),
         model_state=opt_state.model_state if model_state is None else model_state,
         iteration=opt_state.iteration + 1, momentum=momentum, lstm_carry=carry,
         first_loss=first_loss,

@@ -181,6 +181,6 @@ class _HypergradAdamOptimizer(opt_base.Optimizer):
     step, moments = per_tensor_adam.step(g, s.m, s.v, s.b1_prod, s.b2_prod, lr, b1, b2,
                                          lopt.eps, layout, v_floor=1e-16)
     return HypergradAdamState(
-        params=feat.unflatten(layout, p - step),
+        params=feat.apply_step(s.params, layout, step),
         model_state=s.model_state if model_state is None else model_state,
         iteration=s.iteration + 1, log_lr=log_lr, **moments)

@@ -71,6 +71,6 @@ class _MLPLOptOptimizer(opt_base.Optimizer):
     out = lopt.net.apply(self.theta, per_param, feat.tanh_time_embedding(opt_state.iteration))
     step = out[0] * jnp.exp(out[1] * lopt.exp_mult) * lopt.step_mult
     return MLPLOptState(
-        params=feat.unflatten(layout, p - step),
+        params=feat.apply_step(opt_state.params, layout, step),
         model_state=opt_state.model_state if model_state is None else model_state,
         iteration=opt_state.iteration + 1, momenta=momenta)

@@ -146,6 +146,6 @@ class _NNAdamOptimizer(opt_base.Optimizer):
                                          feat.broadcast_segments(eps, layout), layout,
                                          v_floor=1e-30)
     return NNAdamState(
-        params=feat.unflatten(layout, p - step),
+        params=feat.apply_step(s.params, layout, step),
         model_state=s.model_state if model_state is None else model_state,
         iteration=s.iteration + 1, lstm_carry=carry, **moments)

@@ -73,6 +73,6 @@ class _PerParamMLPOptimizer(opt_base.Optimizer):
     out = lopt.net.apply(self.theta, inputs)
     step = networks.direction_magnitude_step(out, lopt.step_mult, lopt.exp_mult)
     return PerParamMLPState(
-        params=feat.unflatten(layout, p - step),
+        params=feat.apply_step(opt_state.params, layout, step),
         model_state=opt_state.model_state if model_state is None else model_state,
         iteration=opt_state.iteration + 1, momentum=momentum)

@@ -125,6 +125,6 @@ class _RNNMLPLOptOptimizer(opt_base.Optimizer):
     out = lopt.mlp.apply(self.theta["mlp"], mlp_in)
     step = networks.direction_magnitude_step(out, lopt.step_mult, lopt.exp_mult)
     return RNNMLPLOptState(
-        params=feat.unflatten(layout, p - step),
+        params=feat.apply_step(opt_state.params, layout, step),
         model_state=opt_state.model_state if model_state is None else model_state,
         iteration=opt_state.iteration + 1, momenta=momenta, rms=rms, lstm_carry=carry)
