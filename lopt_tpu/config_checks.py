@@ -13,6 +13,7 @@ from absl import logging
 import jax
 
 from lopt_tpu import compile_cache
+from lopt_tpu import eval_run
 from lopt_tpu import experiment
 from lopt_tpu import registry
 from lopt_tpu.outer import unroll as unroll_lib
@@ -86,8 +87,14 @@ def check_sizes(config, device_count: int):
   if est.name not in registry.FULL_EPISODE_ESTIMATORS and est.trunc_length > est.max_length:
     _fail("estimator.trunc_length", est.trunc_length,
           f"must be <= estimator.max_length ({est.max_length}), the longest inner run")
-  if not 0 <= config.seed < 2**32:
-    _fail("seed", config.seed, "must be an integer in [0, 2**32)")
+  if not 0 <= config.seed <= eval_run.MAX_CONFIG_SEED:
+    _fail("seed", config.seed,
+          f"must be an integer in [0, {eval_run.MAX_CONFIG_SEED}] (its held-out evaluation "
+          f"seeds {eval_run.HELD_OUT_SEED_BASE} + {eval_run.SEEDS_PER_RUN} * seed + i must fit "
+          "in 32 bits)")
+  if config.eval.num_seeds > eval_run.SEEDS_PER_RUN:
+    _fail("eval.num_seeds", config.eval.num_seeds,
+          f"must be <= {eval_run.SEEDS_PER_RUN} (the next run seed's evaluation seeds follow)")
   _positive_finite("estimator.std", est.std)
   _zero_or_positive_finite("estimator.sign_delta_loss_scalar", est.sign_delta_loss_scalar)
   if est.random_initial_iteration_offset < 0:

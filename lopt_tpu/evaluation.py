@@ -46,6 +46,12 @@ def default_eval_every(num_steps: int) -> int:
 
 
 def seed_keys(seeds: Sequence[int]) -> jax.Array:
+  """One key per seed; a seed must fit in 32 bits (jax.random.key would silently keep only its
+  low 32 bits, so 2**32 + 5 would train exactly like 5)."""
+  for s in seeds:
+    if not 0 <= int(s) < 2**32:
+      raise ValueError(f"evaluation seed {s} is outside [0, 2**32): jax.random.key keeps only "
+                       "its low 32 bits, so it would repeat another seed")
   return jnp.stack([jax.random.key(int(s)) for s in seeds])
 
 

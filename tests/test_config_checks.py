@@ -7,6 +7,8 @@ import pytest
 from configs import default
 from lopt_tpu import config_checks
 from lopt_tpu import distributed
+from lopt_tpu import eval_run
+from lopt_tpu import evaluation
 
 
 def test_default_config_passes_the_name_checks():
@@ -87,14 +89,28 @@ def test_a_cpu_device_count_that_does_not_divide_the_tasks_names_cpu_devices():
     config_checks.check_sizes(config, 3)
 
 
-@pytest.mark.parametrize("seed", [-1, 2**32, 2**63])
+@pytest.mark.parametrize("seed", [-1, 4_293_967, 2**32, 2**63])
 def test_a_seed_out_of_range_names_the_field(seed):
-  # 2**63 used to crash in jax.random.key with an OverflowError traceback.
+  # 2**63 used to crash in jax.random.key with an OverflowError traceback; from 4,293,967 on
+  # the held-out evaluation seeds passed 2**32 and wrapped onto small seeds (68787264's first
+  # one was the run's own seed key).
   config = default.get_config()
   config.seed = seed
-  expected = rf"config\.seed={seed} is invalid: must be an integer in \[0, 2\*\*32\)"
+  expected = (rf"config\.seed={seed} is invalid: must be an integer in \[0, 4293966\] "
+              r"\(its held-out evaluation seeds")
   with pytest.raises(config_checks.ConfigError, match=expected):
     config_checks.check_sizes(config, 1)
+  config.seed = 4_293_966
+  config_checks.check_sizes(config, 1)
+  assert max(eval_run.held_out_seeds(config)) < 2**32
+  config.eval.num_seeds = 1001
+  with pytest.raises(config_checks.ConfigError, match=r"config\.eval\.num_seeds=1001"):
+    config_checks.check_sizes(config, 1)
+
+
+def test_evaluation_refuses_seeds_that_jax_would_wrap():
+  with pytest.raises(ValueError, match="outside"):
+    evaluation.seed_keys([5, 2**32 + 5])
 
 
 @pytest.mark.parametrize("env,message", [
