@@ -178,14 +178,22 @@ def test_per_task_meta_loss_is_nan_when_nothing_is_valid():
   np.testing.assert_allclose([avg[2], last[0]], [3.0, 4.0])
 
 
-@pytest.mark.parametrize("make,some_dropped", [(lambda u: full.FullGrad(u, 20), True),
-                                               (lambda u: truncated.TruncatedGrad(u, 10), False)])
+@pytest.mark.parametrize("make,some_dropped", [
+    (lambda u: full.FullGrad(u, 20), True),
+    (lambda u: truncated.TruncatedGrad(u, 10), False),
+    # ES-type: a finite but huge loss difference overflows delta / (2 std^2) for its task.
+    (lambda u: full.FullES(u, 20, std=1e-3), True),
+    (lambda u: truncated.TruncatedES(u, 20, std=1e-3), True),
+    (lambda u: pes.TruncatedPES(u, 20, std=1e-4), True)],
+    ids=["full_grad", "truncated_grad", "full_es", "truncated_es", "truncated_pes"])
 def test_a_diverging_task_only_drops_its_own_gradient(make, some_dropped):
   # Before: one NaN task made every gradient entry NaN (0 * NaN in the shared backward pass),
-  # and sanitizing then zeroed the whole gradient. Now the gradient is the mean over tasks of
-  # each task's own gradient, a diverged task counting as zero: the same as running every task
-  # alone (its randomness depends on its global index only) and averaging. (TruncatedGrad's
-  # runs restart when they diverge, so its huge gradients here stay finite: nothing dropped.)
+  # and sanitizing then zeroed the whole gradient; for the ES-type estimators one task's
+  # overflowing weight did the same through the mean over tasks. Now the gradient is the mean
+  # over tasks of each task's own part, a non-finite one counting as zero: the same as running
+  # every task alone (its randomness depends on its global index only) and averaging.
+  # (TruncatedGrad's runs restart when they diverge, so its huge gradients here stay finite:
+  # nothing dropped.)
   num_tasks = 6
   lopt = meta_sgd.MetaSGDWD(initial_lr=0.1, initial_wd=1e-3)
   family = diverging_family.SometimesDivergingFamily()
@@ -195,12 +203,12 @@ def test_a_diverging_task_only_drops_its_own_gradient(make, some_dropped):
   est = make(unroll(num_tasks))
   out, _ = jax.jit(est.compute_gradient_estimate)(
       theta, est.init_worker_state(theta, jax.random.key(1)), jax.random.key(2))
+  one = make(unroll(1))
+  one_step = jax.jit(one.compute_gradient_estimate)  # compiled once for all six tasks
   alone = []
   for i in range(num_tasks):
-    one = make(unroll(1))
     state = one.init_worker_state(theta, jax.random.key(1), task_index=jnp.array([i]))
-    alone.append(_vec(jax.jit(one.compute_gradient_estimate)(theta, state,
-                                                             jax.random.key(2))[0].grad))
+    alone.append(_vec(one_step(theta, state, jax.random.key(2))[0].grad))
   dropped = [not np.any(g) for g in alone]
   assert (0 < sum(dropped) < num_tasks) == some_dropped, alone
   assert float(out.metrics["diverged_frac"]) > 0

@@ -107,12 +107,27 @@ def add_sample_axis(tree, num_samples: int = 1):
       lambda x: jnp.broadcast_to(x, (num_samples,) + jnp.shape(x)), tree)
 
 
-def weighted_task_mean(per_task: jax.Array, eps):
-  """mean_i per_task[i] * eps[i] for a [T] vector and a tree of [T, ...] leaves."""
-  def one(e):
-    w = jnp.reshape(per_task, per_task.shape + (1,) * (e.ndim - 1)).astype(e.dtype)
-    return jnp.mean(w * e, axis=0)
-  return jax.tree_util.tree_map(one, eps)
+def es_task_mean(terms):
+  """The ES / PES gradient: the mean over tasks of sum_j w_j[i] * e_j[i], for `terms` pairs of
+  [T] weights w_j and perturbation trees e_j of [T, ...] leaves, a task any of whose entries is
+  non-finite counted as zero (the denominator stays T, so equal shards still combine exactly).
+
+  The weights are loss differences times 1 / (2 std^2): one task's finite but huge difference
+  can overflow to inf, which in a plain mean over tasks would make every entry non-finite, and
+  sanitizing would then zero the whole gradient, every other task's part with it.
+
+  Returns (grad, fraction of the per-task entries that were non-finite).
+  """
+  def contribution(w, e):
+    return jnp.reshape(w, w.shape + (1,) * (e.ndim - 1)).astype(e.dtype) * e
+
+  per_task = None
+  for w, e in terms:
+    part = jax.tree_util.tree_map(lambda e, w=w: contribution(w, e), e)
+    per_task = part if per_task is None else jax.tree_util.tree_map(jnp.add, per_task, part)
+  num_tasks = terms[0][0].shape[0]
+  grad, _, bad = _mean_of_finite_tasks(per_task, jnp.zeros([num_tasks]))
+  return grad, bad
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:

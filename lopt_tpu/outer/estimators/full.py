@@ -110,5 +110,5 @@ class FullES(_FullEpisode):
     per_task = self._per_task_loss(out, out.valid[:, 0] & out.valid[:, 1])  # [2, T]
     both = jnp.isfinite(per_task[0]) & jnp.isfinite(per_task[1])
     delta = jnp.where(both, per_task[0] - per_task[1], 0.0)
-    grad = base.weighted_task_mean(delta / (2 * self.std ** 2), eps)
-    return base.finish(grad, jnp.mean(per_task, axis=0), both, out), state
+    grad, bad = base.es_task_mean([(delta / (2 * self.std ** 2), eps)])
+    return base.finish(grad, jnp.mean(per_task, axis=0), both, out, nonfinite_frac=bad), state

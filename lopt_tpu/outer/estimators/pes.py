@@ -98,9 +98,10 @@ class TruncatedPES(base.GradientEstimator):
     old_weight = jnp.sum(jnp.where(in_old_run, delta, 0.0), axis=0) * scale  # [T]
     new_weight = jnp.sum(jnp.where(in_old_run, 0.0, delta), axis=0) * scale
     xi = state.accumulator + eps
-    grad = base.weighted_task_mean(old_weight, xi) + base.weighted_task_mean(new_weight, eps)
+    grad, bad = base.es_task_mean([(old_weight, xi), (new_weight, eps)])
     restarted = jnp.any(done, axis=0)
     accumulator = jnp.where(restarted[:, None], eps, xi)
-    estimate = base.finish(grad, jnp.mean(out.meta_loss, axis=1), valid, out)
+    estimate = base.finish(grad, jnp.mean(out.meta_loss, axis=1), valid, out,
+                           nonfinite_frac=bad)
     return estimate.replace(grad=unravel(estimate.grad)), PESState(pair=states,
                                                                    accumulator=accumulator)

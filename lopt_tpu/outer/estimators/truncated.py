@@ -82,6 +82,7 @@ class TruncatedES(_Truncated):
                                      self.trunc_length)
     valid = out.valid[:, 0] & out.valid[:, 1]  # [K, T]
     delta = base.masked_mean(out.meta_loss[:, 0] - out.meta_loss[:, 1], valid, axis=0)
-    grad = base.weighted_task_mean(delta / (2 * self.std ** 2), eps)
+    grad, bad = base.es_task_mean([(delta / (2 * self.std ** 2), eps)])
     next_state = TruncatedState(jax.tree_util.tree_map(lambda x: x[0], states))
-    return base.finish(grad, jnp.mean(out.meta_loss, axis=1), valid, out), next_state
+    return base.finish(grad, jnp.mean(out.meta_loss, axis=1), valid, out,
+                       nonfinite_frac=bad), next_state
