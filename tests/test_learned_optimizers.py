@@ -248,6 +248,11 @@ def test_controller_signals_do_not_depend_on_the_gradient_scale():
                              atol=1e-5)
   # No history (zero momentum): 0, not NaN.
   assert np.all(np.asarray(cosine(g, jnp.zeros_like(m))) == 0)
+  # The shipped digits_mlp_v1 keeps the signals it was meta-trained with, which fade there.
+  legacy = LOPTS["hypergrad_adam"](absolute_signal_offsets=True)
+  legacy_cosine = lambda k: legacy.signals(k * g, k * m, k**2 * v, b2_prod, layout)[0]
+  np.testing.assert_allclose(legacy_cosine(1.0), ref_signals[0], rtol=1e-5)
+  assert np.all(np.abs(np.asarray(legacy_cosine(1e-7))) < 0.5 * np.abs(ref_signals[0]))
 
 
 @pytest.mark.parametrize("beta,shift", [(1, 17.), (2, 10.), (2, 40.)])

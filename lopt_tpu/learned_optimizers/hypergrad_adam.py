@@ -92,6 +92,10 @@ class HypergradAdam(base.LearnedOptimizer):
       the rule within bounds (lr within e^+-bound of the rule's, betas within a logit shift of
       bound), so it cannot drive the inner run far from the hand-designed rule.
     hidden_sizes: the control MLP's hidden widths.
+    absolute_signal_offsets: compute the rule's signals with fixed offsets of 1e-12 on the
+      mean squares, as before session 9: the signals then fade towards 0 below gradient RMS
+      ~1e-5, which freezes the rule late in training. The shipped `digits_mlp_v1` was
+      meta-trained that way and keeps it (its sidecar sets True); the default is scale-free.
   """
 
   name = "hypergrad_adam"
@@ -100,7 +104,8 @@ class HypergradAdam(base.LearnedOptimizer):
                eps: float = 1e-8, hyper_lr: float = 0.5, log_lr_min: float = -0.5,
                log_lr_max: float = 1.5,
                drift_scale: float = 0., dynamic_features: bool = False,
-               control_bound: float = 1., hidden_sizes=(32,)):
+               control_bound: float = 1., hidden_sizes=(32,),
+               absolute_signal_offsets: bool = False):
     self.learning_rate = learning_rate
     self.b1 = b1
     self.b2 = b2
@@ -112,6 +117,7 @@ class HypergradAdam(base.LearnedOptimizer):
     self.dynamic_features = bool(dynamic_features)
     self.control_bound = float(control_bound)
     self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
+    self.absolute_signal_offsets = bool(absolute_signal_offsets)
     self.net = ControlNet(self.hidden_sizes)
     self.num_features = (NUM_STATIC_FEATURES + len(feat.TIMESCALES) +
                          (NUM_DYNAMIC_FEATURES if self.dynamic_features else 0))
@@ -128,13 +134,18 @@ class HypergradAdam(base.LearnedOptimizer):
     both are scale-free, so they are computed on g, m and sqrt(v) divided by one per-tensor
     scale (`features.tensor_scale`): the same at gradient RMS 1e-2 and 1e-8."""
     mean = lambda x: feat.segment_mean(x, layout)
-    scale = feat.tensor_scale(jnp.maximum(jnp.abs(g), jnp.sqrt(v)), layout)
-    g, m, v = g / scale, m / scale, v / jnp.square(scale)
+    if not self.absolute_signal_offsets:
+      scale = feat.tensor_scale(jnp.maximum(jnp.abs(g), jnp.sqrt(v)), layout)
+      g, m, v = g / scale, m / scale, v / jnp.square(scale)
     # Offsets keep every derivative finite in float32 where a direction is exactly zero (the
     # first step): 1e-30 would give rsqrt' ~ 1e45 = inf, and 0 * inf = NaN meta-gradients.
-    # After the scaling they are 1e-12 of the tensor's own second moment.
+    # After the scaling (the default) they are 1e-12 of the tensor's own second moment.
     u = m * jax.lax.rsqrt(v + 1e-12)
-    cosine = feat.tensor_cosine(g, u, layout)
+    if self.absolute_signal_offsets:
+      cosine = mean(g * u) / (jnp.sqrt(mean(jnp.square(g)) + 1e-12) *
+                              jnp.sqrt(mean(jnp.square(u)) + 1e-12))
+    else:
+      cosine = feat.tensor_cosine(g, u, layout)
     has_history = b2_prod < 1.
     v_hat = mean(v) / jnp.where(has_history, 1. - b2_prod, 1.)
     spike = jnp.clip(jnp.log((mean(jnp.square(g)) + 1e-12) / (v_hat + 1e-12)), -5., 5.)
