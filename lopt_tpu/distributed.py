@@ -41,6 +41,15 @@ def maybe_initialize() -> bool:
   Must run before any other JAX call.
   """
   coordinator = os.environ.get("LOPT_COORDINATOR")
+  if not coordinator:
+    # Without a coordinator every process would run the whole job alone, all writing into
+    # the same workdir: refuse unless the variables describe a job of one process.
+    given = [n for n in ("LOPT_NUM_PROCESSES", "LOPT_PROCESS_ID") if os.environ.get(n)]
+    if given and not (os.environ.get("LOPT_NUM_PROCESSES") == "1"
+                      and os.environ.get("LOPT_PROCESS_ID", "0") == "0"):
+      raise LaunchEnvironmentError(
+          f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} set but "
+          "LOPT_COORDINATOR is not; set LOPT_COORDINATOR=host:port (process 0's address) too")
   if coordinator:
     for name in ("LOPT_NUM_PROCESSES", "LOPT_PROCESS_ID"):
       if name not in os.environ:

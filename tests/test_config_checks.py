@@ -125,6 +125,21 @@ def test_a_malformed_multihost_environment_is_one_clear_error(monkeypatch, env, 
     distributed.maybe_initialize()
 
 
+@pytest.mark.parametrize("env", [{"LOPT_NUM_PROCESSES": "2", "LOPT_PROCESS_ID": "1"},
+                                 {"LOPT_PROCESS_ID": "1"}])
+def test_a_multihost_launch_without_coordinator_is_refused(monkeypatch, env):
+  # It used to run every process as a job of its own, all writing into the same workdir.
+  monkeypatch.delenv("LOPT_COORDINATOR", raising=False)
+  monkeypatch.delenv("LOPT_NUM_PROCESSES", raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  with pytest.raises(distributed.LaunchEnvironmentError, match="LOPT_COORDINATOR is not"):
+    distributed.maybe_initialize()
+  monkeypatch.setenv("LOPT_NUM_PROCESSES", "1")
+  monkeypatch.setenv("LOPT_PROCESS_ID", "0")
+  assert distributed.maybe_initialize() is False  # a job of one process needs no coordinator
+
+
 def test_an_unwritable_compilation_cache_names_the_field(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
