@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from lopt_tpu.learned_optimizers import meta_sgd
 from lopt_tpu.outer import gradient_learner
@@ -84,6 +85,27 @@ def test_meta_gradient_clipping_bounds_the_update():
   assert float(m_f["theta_grad_norm"]) > 1e-2
   np.testing.assert_allclose(norm(s_c), 1e-3, rtol=1e-4)  # sgd(1) step == clipped gradient
   np.testing.assert_allclose(norm(s_f), float(m_f["theta_grad_norm"]), rtol=1e-4)
+
+
+class _FourZeros:
+  """A stand-in learned optimizer whose theta is four zeros (only `init` is needed here)."""
+
+  def init(self, key):
+    del key
+    return {"w": jnp.zeros(4)}
+
+
+@pytest.mark.parametrize("entry", [1e10, 1e19, 1e30])
+def test_a_huge_finite_meta_gradient_is_clipped_not_zeroed(entry):
+  # Squares of float32 entries above ~1.8e19 overflow: the norm was inf, and the clip factor
+  # clip / inf = 0 turned the step into no step at all.
+  learner = gradient_learner.GradientLearner(_FourZeros(), optax.sgd(1.0), meta_grad_clip=0.5)
+  grads = gradient_learner.AggregatedGradient(
+      theta_grads=jnp.full([4], entry, jnp.float32), losses=jnp.zeros([1]),
+      loss_weights=jnp.ones([1]), metrics={}, metric_weights={})
+  _, metrics = jax.jit(learner.update)(learner.init(jax.random.key(0)), [grads])
+  np.testing.assert_allclose(float(metrics["theta_update_norm"]), 0.5, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["theta_grad_norm"]), 2 * entry, rtol=1e-5)
 
 
 def _chunked(tasks_per_chunk, num_tasks=8):

@@ -162,7 +162,7 @@ class GradientLearner:
       raw_grads = sum(w.theta_grads for w in worker_outputs) / len(worker_outputs)
     grads = raw_grads
     if self.meta_grad_clip is not None:
-      grad_norm = jnp.linalg.norm(raw_grads)
+      grad_norm = scaled_norms(raw_grads[None])[0]
       grads = raw_grads * jnp.minimum(1.0, self.meta_grad_clip / (grad_norm + 1e-12))
     _, unravel = jax.flatten_util.ravel_pytree(state.theta)
     updates, opt_state = self.theta_opt.update(unravel(grads), state.theta_opt_state,
@@ -170,11 +170,19 @@ class GradientLearner:
     theta = optax.apply_updates(state.theta, updates)
     # The three norms as one reduction over a [3, P] stack.
     flat = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
-    stacked = jnp.stack([raw_grads, flat(updates), flat(theta)])
-    norms = jnp.sqrt(jnp.sum(jnp.square(stacked), axis=1))
+    norms = scaled_norms(jnp.stack([raw_grads, flat(updates), flat(theta)]))
     metrics = {"theta_grad_norm": norms[0], "theta_update_norm": norms[1], "theta_norm": norms[2]}
     return GradientLearnerState(theta=theta, theta_opt_state=opt_state,
                                 step=state.step + 1), metrics
+
+
+def scaled_norms(rows: jax.Array) -> jax.Array:
+  """The L2 norm of each row of a [R, P] array, exact for any finite entries: the squares of
+  float32 entries above ~1.8e19 overflow, and an inf norm made the meta-gradient clip scale a
+  huge but finite gradient to zero instead of to `meta_grad_clip`."""
+  top = jnp.max(jnp.abs(rows), axis=1, keepdims=True)
+  scale = jnp.where(top > 0, top, 1.0)
+  return top[:, 0] * jnp.sqrt(jnp.sum(jnp.square(rows / scale), axis=1))
 
 
 def compile_options() -> Optional[Dict[str, Any]]:
