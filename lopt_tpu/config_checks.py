@@ -119,18 +119,31 @@ def check_sizes(config, device_count: int):
 
 
 def check_buildable(config):
-  """Builds the learned optimizer and every task family (which loads its data), so bad
-  constructor arguments and unloadable data fail here, before any compilation."""
+  """Builds the learned optimizer and every task family (which loads its data) and runs the
+  learned optimizer's init and one inner step abstractly (shapes only), so bad constructor
+  arguments and unloadable data fail here, before any compilation."""
+  kwargs = config.learned_optimizer.kwargs.to_dict()
+  nan = [k for k, v in kwargs.items() if isinstance(v, float) and math.isnan(v)]
+  if nan:
+    _fail(f"learned_optimizer.kwargs.{nan[0]}", kwargs[nan[0]], "must be a number, not NaN")
   try:
-    experiment.build_learned_optimizer(config)
+    learned_opt = experiment.build_learned_optimizer(config)
   except (TypeError, ValueError) as e:
-    _fail("learned_optimizer.kwargs", config.learned_optimizer.kwargs.to_dict(),
+    _fail("learned_optimizer.kwargs", kwargs,
           f"cannot build {config.learned_optimizer.name}: {_one_line(e)}")
+  families = {}
   for label, fam in config.task_families.items():
     try:
-      _check_trainable(experiment.build_task_family(fam.name, fam.kwargs))
+      families[label] = experiment.build_task_family(fam.name, fam.kwargs)
+      _check_trainable(families[label])
     except (OSError, RuntimeError, ValueError, TypeError) as e:
       _fail(f"task_families.{label}", fam.to_dict(), f"cannot build it: {_one_line(e)}")
+  try:
+    # Sizes the constructor does not check (e.g. a negative hidden width) fail here.
+    _check_inner_step(learned_opt, next(iter(families.values())))
+  except (TypeError, ValueError) as e:
+    _fail("learned_optimizer.kwargs", kwargs,
+          f"{config.learned_optimizer.name} cannot init or step: {_one_line(e)}")
   try:
     _check_trainable(experiment.build_task_family(config.eval.task, config.eval.task_kwargs))
   except (OSError, RuntimeError, ValueError, TypeError) as e:
@@ -145,6 +158,20 @@ def _check_trainable(family):
       lambda key: family.task_fn(family.sample(key)).init_with_state(key), jax.random.key(0))
   if not sum(x.size for x in jax.tree_util.tree_leaves(params)):
     raise ValueError("its tasks have no parameters to train")
+
+
+def _check_inner_step(learned_opt, family):
+  """The learned optimizer's init and one inner step on a sampled task, abstractly."""
+  def step(key):
+    task = family.task_fn(family.sample(key))
+    params, model_state = task.init_with_state(key)
+    opt = learned_opt.opt_fn(learned_opt.init(key), is_training=True)
+    state = opt.init(params, model_state=model_state, num_steps=10, key=key)
+    grads = jax.tree_util.tree_map(jax.numpy.zeros_like, params)
+    return opt.update(state, grads, loss=jax.numpy.zeros([]), model_state=model_state,
+                      key=key)
+
+  jax.eval_shape(step, jax.random.key(0))
 
 
 def _make_writable_dir(directory: str):

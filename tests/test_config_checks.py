@@ -81,6 +81,18 @@ def test_task_sizes_are_checked_by_building_one_task(section, override):
     config_checks.check_buildable(config)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    ({"hidden_size": -4}, "mlp_lopt cannot init or step: "),  # was a traceback inside jit
+    ({"step_mult": float("nan")}, "must be a number, not NaN"),  # was a run that learns nothing
+])
+def test_learned_optimizer_kwargs_are_checked_by_one_abstract_step(kwargs, message):
+  config = default.get_config()
+  config.learned_optimizer.kwargs = kwargs
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"config\.learned_optimizer\.kwargs.* is invalid: " + re.escape(message)):
+    config_checks.check_buildable(config)
+
+
 def test_a_cpu_device_count_that_does_not_divide_the_tasks_names_cpu_devices():
   config = default.get_config()
   config.cpu_devices = 3
