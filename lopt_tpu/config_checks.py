@@ -131,16 +131,16 @@ def check_buildable(config):
   except (TypeError, ValueError) as e:
     _fail("learned_optimizer.kwargs", kwargs,
           f"cannot build {config.learned_optimizer.name}: {_one_line(e)}")
-  families = {}
+  families = []
   for label, fam in config.task_families.items():
     try:
-      families[label] = experiment.build_task_family(fam.name, fam.kwargs)
-      _check_trainable(families[label])
+      families.append(experiment.build_task_family(fam.name, fam.kwargs))
+      _check_trainable(families[-1])
     except (OSError, RuntimeError, ValueError, TypeError) as e:
       _fail(f"task_families.{label}", fam.to_dict(), f"cannot build it: {_one_line(e)}")
   try:
     # Sizes the constructor does not check (e.g. a negative hidden width) fail here.
-    _check_inner_step(learned_opt, next(iter(families.values())))
+    _check_inner_step(learned_opt, families[0])
   except (TypeError, ValueError) as e:
     _fail("learned_optimizer.kwargs", kwargs,
           f"{config.learned_optimizer.name} cannot init or step: {_one_line(e)}")

@@ -7,8 +7,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("PJRT_NPROC", "16")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # pylint: disable=g-import-not-at-top (after the environment above)
-import pytest  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top (after the environment above)
+
+from lopt_tpu import compile_cache as compile_cache_lib  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,6 +23,5 @@ def compile_cache(tmp_path_factory):
   subprocesses never see it, so their cold first steps stay cold.
   """
   directory = str(tmp_path_factory.mktemp("compile_cache"))
-  jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+  compile_cache_lib.enable(directory, min_compile_seconds=0.3)
   return directory

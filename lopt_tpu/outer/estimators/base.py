@@ -8,7 +8,7 @@ weight (the fraction of entries that were valid) so that shards are averaged in 
 what they scored (`masked_mean` of the shards' values, see `GradientEstimate`).
 """
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import flax
 import jax
@@ -125,8 +125,7 @@ def es_task_mean(terms):
   for w, e in terms:
     part = jax.tree_util.tree_map(lambda e, w=w: contribution(w, e), e)
     per_task = part if per_task is None else jax.tree_util.tree_map(jnp.add, per_task, part)
-  num_tasks = terms[0][0].shape[0]
-  grad, _, bad = _mean_of_finite_tasks(per_task, jnp.zeros([num_tasks]))
+  grad, _, bad = _mean_of_finite_tasks(per_task)
   return grad, bad
 
 
@@ -168,15 +167,18 @@ def per_task_backprop(per_task_loss_fn, theta, num_tasks: int):
   return finish(grad, per_task, ok, out, nonfinite_frac=bad), extra
 
 
-def _mean_of_finite_tasks(per_task_grads, per_task_loss: jax.Array):
-  """Mean over the T tasks of [T, ...] gradients, a task with a non-finite loss or gradient
-  counted as zero (the denominator stays T, so equal shards still combine exactly by `pmean`).
+def _mean_of_finite_tasks(per_task_grads, per_task_loss: Optional[jax.Array] = None):
+  """Mean over the T tasks of [T, ...] gradients, a task with a non-finite gradient (or loss,
+  when given) counted as zero (the denominator stays T, so equal shards still combine exactly
+  by `pmean`).
 
   Returns (grad, ok [T] bool, fraction of gradient entries that were non-finite).
   """
   leaves = jax.tree_util.tree_leaves(per_task_grads)
   finite = [jnp.all(jnp.isfinite(jnp.reshape(g, (g.shape[0], -1))), axis=1) for g in leaves]
-  ok = jnp.isfinite(per_task_loss) & jnp.all(jnp.stack(finite), axis=0)
+  ok = jnp.all(jnp.stack(finite), axis=0)
+  if per_task_loss is not None:
+    ok = ok & jnp.isfinite(per_task_loss)
   bad = sum(jnp.sum(~jnp.isfinite(g)) for g in leaves) / max(sum(g.size for g in leaves), 1)
 
   def mean(g):
