@@ -14,6 +14,7 @@ import jax
 
 from lopt_tpu import compile_cache
 from lopt_tpu import eval_run
+from lopt_tpu import evaluation
 from lopt_tpu import experiment
 from lopt_tpu import registry
 from lopt_tpu.outer import unroll as unroll_lib
@@ -113,9 +114,10 @@ def check_sizes(config, device_count: int):
     _fail("cpu_devices", config.cpu_devices, "must be >= 0 (0: one per core, dividing num_tasks)")
   if config.eval.every < 0:
     _fail("eval.every", config.eval.every, "must be >= 0 (0: only at the end)")
-  if not config.eval.adam_learning_rates or min(config.eval.adam_learning_rates) <= 0:
-    _fail("eval.adam_learning_rates", config.eval.adam_learning_rates,
-          "must be a non-empty list of positive learning rates")
+  try:
+    evaluation.check_adam_sweep(config.eval.adam_learning_rates)
+  except (TypeError, ValueError) as e:
+    _fail("eval.adam_learning_rates", config.eval.adam_learning_rates, str(e))
 
 
 def check_buildable(config):

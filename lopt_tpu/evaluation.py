@@ -40,6 +40,24 @@ def adam_name(learning_rate: float) -> str:
   return f"adam@{learning_rate:g}"
 
 
+def check_adam_sweep(learning_rates: Sequence[float]) -> Tuple[float, ...]:
+  """The sweep as floats, refused unless it is non-empty, finite, positive and every rate has
+  its own `adam_name`: curves and summaries are keyed by name, so two rates that print alike
+  (1e-3 and 1.0000001e-3) would silently keep only one of their results."""
+  lrs = tuple(float(lr) for lr in learning_rates)
+  if not lrs:
+    raise ValueError("the Adam learning-rate sweep is empty: give at least one rate")
+  bad = [lr for lr in lrs if not (np.isfinite(lr) and lr > 0)]
+  if bad:
+    raise ValueError(f"Adam learning rates must be finite and > 0, got {bad}")
+  names = [adam_name(lr) for lr in lrs]
+  twins = sorted({n for n in names if names.count(n) > 1})
+  if twins:
+    raise ValueError(f"Adam learning rates {[lr for lr in lrs if adam_name(lr) in twins]} share "
+                     f"the name(s) {twins} (6 significant digits): give distinct rates")
+  return lrs
+
+
 def default_eval_every(num_steps: int) -> int:
   """About ten validation evaluations per run (plus the final one): cheap next to training."""
   return max(1, num_steps // 10)
@@ -166,7 +184,7 @@ def summarize(curves: Curves, final_fraction: float = FINAL_FRACTION) -> Dict[st
   Returns:
     mean_loss_mean, mean_loss_std, final_loss_mean, final_loss_std, final_valid_loss_mean,
     final_valid_loss_std (validation loss after the last step), num_diverged (seeds with a
-    non-finite training loss) and num_seeds.
+    non-finite training or validation loss anywhere) and num_seeds.
   """
   train = np.asarray(curves["train_loss"])
   filled = fill_diverged(train)
@@ -178,7 +196,8 @@ def summarize(curves: Curves, final_fraction: float = FINAL_FRACTION) -> Dict[st
                          ("final_valid_loss", final_valid)):
     stats[f"{name}_mean"] = float(np.mean(per_seed))
     stats[f"{name}_std"] = float(np.std(per_seed))
-  stats["num_diverged"] = int(np.sum(~np.all(np.isfinite(train), axis=1)))
+  finite = np.all(np.isfinite(train), axis=1) & np.all(np.isfinite(curves["valid_loss"]), axis=1)
+  stats["num_diverged"] = int(np.sum(~finite))
   stats["num_seeds"] = int(train.shape[0])
   return stats
 
@@ -215,7 +234,7 @@ def evaluate(learned_opt: lopt_base.LearnedOptimizer, theta: Any, task: tasks_ba
   """
   eval_every = eval_every or default_eval_every(num_steps)
   keys = seed_keys(seeds)
-  lrs = tuple(float(lr) for lr in adam_learning_rates)
+  lrs = check_adam_sweep(adam_learning_rates)
   run_learned = jax.jit(_curves_fn(task, learned_opt.opt_fn, num_steps, eval_every))
   curves = {LEARNED: _as_curves(*run_learned(theta, keys), num_steps, eval_every)}
   run_adam = _curves_fn(task, opt_base.Adam, num_steps, eval_every)

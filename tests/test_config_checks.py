@@ -34,6 +34,9 @@ def test_unknown_estimator_option_names_the_field_and_the_choices(field, value):
     # Negative values would flip the meta-gradient's sign and silently ascend.
     ("outer_optimizer.meta_grad_clip", -1.0, "finite number >= 0"),
     ("estimator.sign_delta_loss_scalar", -0.5, "finite number >= 0"),
+    ("eval.adam_learning_rates", (1e-3, float("nan")), "finite and > 0"),
+    # Two rates that print alike would keep only one of their results.
+    ("eval.adam_learning_rates", (1e-3, 1.0000001e-3), "share the name"),
 ])
 def test_non_finite_or_sign_flipping_numbers_are_rejected(field, value, accepted):
   config = default.get_config()

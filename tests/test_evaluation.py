@@ -94,6 +94,20 @@ def test_fill_diverged_and_summarize_by_hand():
   assert stats["final_loss_std"] == pytest.approx(19.25)
   assert stats["final_valid_loss_mean"] == pytest.approx(1.5)
   assert (stats["num_diverged"], stats["num_seeds"]) == (0, 2)
+  # A seed whose training loss stayed finite but whose validation loss did not has diverged too.
+  curves["valid_loss"] = np.array([[3., inf], [5., 2.]])
+  assert evaluation.summarize(curves)["num_diverged"] == 1
+
+
+@pytest.mark.parametrize("lrs,match", [
+    ((1e-3, 1.0000001e-3), r"share the name\(s\) \['adam@0.001'\]"),
+    ((), "empty"), ((1e-3, float("nan")), "finite and > 0"), ((0.0,), "finite and > 0")])
+def test_adam_sweeps_whose_results_would_be_lost_or_meaningless_are_refused(lrs, match):
+  with pytest.raises(ValueError, match=match):
+    evaluation.check_adam_sweep(lrs)
+  with pytest.raises(ValueError, match=match):  # before anything is compiled
+    evaluation.evaluate(meta_sgd.MetaSGDWD(), _sgd_theta(0.05), _quadratic(), 5, seeds=(0,),
+                        adam_learning_rates=lrs)
 
 
 @pytest.fixture(scope="module")
