@@ -101,6 +101,21 @@ def test_update_keeps_signature_and_traces_once(name):
   assert any(np.any(a != b) for a, b in zip(_numpy(new.params), _numpy(params)))
 
 
+@all_lopts
+def test_integer_leaves_are_left_as_they_are(name):
+  # A float step cast back to int truncates toward zero: tiny steps moved them by one each time.
+  lopt, theta = _lopt_and_theta(name)
+  params = {"w": jnp.asarray([0.5, -1., 2.]), "idx": jnp.asarray([3, -3, 7], jnp.int32)}
+  grads = {"w": jnp.asarray([0.1, -0.2, 0.3]), "idx": jnp.zeros([3], jnp.int32)}
+  opt = lopt.opt_fn(theta)
+  update = jax.jit(lambda state: opt.update(state, grads, loss=jnp.asarray(1.0)))
+  state = opt.init(params)
+  for _ in range(3):
+    state = update(state)
+  np.testing.assert_array_equal(opt.get_params(state)["idx"], [3, -3, 7])
+  assert np.any(np.asarray(opt.get_params(state)["w"]) != np.asarray(params["w"]))
+
+
 def _unrolled_loss(lopt, theta, num_steps=10):
   """(Mean training loss, final state) of `num_steps` inner steps on a quadratic (FullGrad).
 
@@ -299,12 +314,34 @@ def test_factored_estimate_is_exact_for_rank_one_squares(shape):
   acc = adafac_mlp_lopt.init_factored(shape, 2)
   update = jax.jit(adafac_mlp_lopt.update_factored)
   for _ in range(2):
-    acc, rsqrt_v = update(acc, g, decays)
+    acc, v = update(acc, g, decays)
   assert set(acc) == {"row", "col"}
   full = (1. - decays ** 2) * jnp.square(g).reshape(-1, 1)  # unfactored EMA after two steps
-  np.testing.assert_allclose(rsqrt_v, jax.lax.rsqrt(full), rtol=1e-4)
-  _, rsqrt_vector = adafac_mlp_lopt.update_factored(
+  np.testing.assert_allclose(v, full, rtol=1e-4)
+  _, v_vector = adafac_mlp_lopt.update_factored(
       adafac_mlp_lopt.init_factored((5,), 2), jnp.arange(1., 6.), decays)
-  np.testing.assert_allclose(rsqrt_vector,
-                             jax.lax.rsqrt((1. - decays) * jnp.arange(1., 6.)[:, None] ** 2),
+  np.testing.assert_allclose(v_vector, (1. - decays) * jnp.arange(1., 6.)[:, None] ** 2,
                              rtol=1e-5)
+
+
+def test_factored_features_survive_an_always_zero_row():
+  # The first layer of a digits MLP: the kernel rows of never-lit pixels get no gradient.
+  shape = (6, 5)
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), shape)}
+  lopt = adafac_mlp_lopt.AdafacMLPLOpt()
+  opt = lopt.opt_fn(lopt.init(jax.random.PRNGKey(1)))
+  state = opt.init(params)
+  acc = state.factored[0]
+  for i in range(3):
+    g = jax.random.normal(jax.random.PRNGKey(2 + i), shape).at[0].set(0.)
+    acc, v = adafac_mlp_lopt.update_factored(acc, g, jnp.asarray(lopt.adafactor_decays))
+  momenta = jnp.broadcast_to(g.reshape(-1, 1), (g.size, len(lopt.momentum_decays)))
+  rms = jnp.square(g).reshape(-1, 1)
+  features = adafac_mlp_lopt.per_param_features(params["w"].reshape(-1), g.reshape(-1), momenta,
+                                                 rms, v)
+  normalized = feat.second_moment_normalize(features, feat.layout_of(params))
+  live_rms = jnp.sqrt(jnp.mean(jnp.square(normalized[shape[1]:]), axis=0))
+  assert normalized.shape[1] == lopt.num_features - len(feat.TIMESCALES)
+  # Every feature still tells the live rows apart (rsqrt(v) alone came out at ~1e-8 here).
+  assert jnp.all(live_rms > 0.5), live_rms
+  assert jnp.all(jnp.isfinite(normalized))

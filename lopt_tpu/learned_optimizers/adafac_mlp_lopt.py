@@ -49,20 +49,35 @@ def update_factored(acc: dict, g: jax.Array, decays: jax.Array):
   """Advances one tensor's accumulators with gradient `g` (float32).
 
   Returns:
-    (new accumulators, rsqrt of the (factored) second-moment estimate as [g.size, K]).
+    (new accumulators, the (factored) second-moment estimate v as [g.size, K]).
   """
   if g.size == 0:  # an empty tensor: means over its axes would be 0/0
     return acc, jnp.zeros([0, decays.shape[0]], jnp.float32)
   g2 = jnp.square(g)
   if "v" in acc:
     v = feat.ema(acc["v"], g2, decays)
-    return {"v": v}, jax.lax.rsqrt(v + EPS).reshape(-1, decays.shape[0])
+    return {"v": v}, v.reshape(-1, decays.shape[0])
   row = feat.ema(acc["row"], jnp.mean(g2, axis=-1), decays)  # [..., R, K]
   col = feat.ema(acc["col"], jnp.mean(g2, axis=-2), decays)  # [..., C, K]
   row_mean = jnp.mean(row, axis=-2, keepdims=True)  # [..., 1, K]
-  # rsqrt(row[i] * col[j] / mean(row)), arranged as [..., R, C, K].
+  # row[i] * col[j] / mean(row), arranged as [..., R, C, K].
   estimate = (row / (row_mean + EPS))[..., :, None, :] * col[..., None, :, :]
-  return {"row": row, "col": col}, jax.lax.rsqrt(estimate + EPS).reshape(-1, decays.shape[0])
+  return {"row": row, "col": col}, estimate.reshape(-1, decays.shape[0])
+
+
+def per_param_features(p, g, momenta, rms, factored_v) -> jax.Array:
+  """The [P, F] per-parameter features before normalization (see `AdafacMLPLOpt`).
+
+  The factored statistics enter as the RMS estimate sqrt(v_k) and the normalized momenta
+  m_i * rsqrt(v_k), not as rsqrt(v_k) alone: a row or column whose gradient is always zero (an
+  input pixel that is never lit, as in the corners of the digits) would have rsqrt(v_k) of
+  ~1e9 there, and dividing by the tensor's RMS would then flatten every other row's value to ~0.
+  """
+  outer = lambda a, b: (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
+  return jnp.concatenate([
+      p[:, None], g[:, None], momenta, jnp.sqrt(rms + EPS),
+      outer(momenta, jax.lax.rsqrt(rms + EPS)), jnp.sqrt(factored_v + EPS),
+      outer(momenta, jax.lax.rsqrt(factored_v + EPS))], axis=1)
 
 
 class AdafacMLPLOpt(base.LearnedOptimizer):
@@ -70,9 +85,10 @@ class AdafacMLPLOpt(base.LearnedOptimizer):
 
   Per-parameter features, each divided by its root-mean-square over the tensor: the parameter,
   its gradient, momenta m_i (`momentum_decays`), sqrt of the running mean of g^2 v_j
-  (`rms_decays`), m_i * rsqrt(v_j), the factored rsqrt estimates f_k (`adafactor_decays`) and
-  m_i * f_k; plus the tanh time embedding (shared by all parameters). With the defaults that
-  is 2 + 3 + 1 + 3 + 3 + 9 = 21 normalized features and 11 time features.
+  (`rms_decays`), m_i * rsqrt(v_j), sqrt of the factored estimates f_k (`adafactor_decays`)
+  and m_i * rsqrt(f_k) (see `per_param_features`); plus the tanh time embedding (shared by all
+  parameters). With the defaults that is 2 + 3 + 1 + 3 + 3 + 9 = 21 normalized features and 11
+  time features.
 
   Args:
     hidden_size: width of the MLP's hidden layers.
@@ -126,16 +142,12 @@ class _AdafacMLPLOptOptimizer(opt_base.Optimizer):
     momenta = feat.ema(opt_state.momenta, g, jnp.asarray(lopt.momentum_decays, jnp.float32))
     rms = feat.ema(opt_state.rms, jnp.square(g), jnp.asarray(lopt.rms_decays, jnp.float32))
     fac_decays = jnp.asarray(lopt.adafactor_decays, jnp.float32)
-    factored, fac_rsqrt = zip(*[
+    factored, fac_v = zip(*[
         update_factored(acc, leaf.astype(jnp.float32), fac_decays)
         for acc, leaf in zip(opt_state.factored, jax.tree_util.tree_leaves(grads))])
-    fac_rsqrt = jnp.concatenate(fac_rsqrt, axis=0)  # [P, K]
-
-    outer = lambda a, b: (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
-    per_param = jnp.concatenate([
-        p[:, None], g[:, None], momenta, jnp.sqrt(rms + EPS),
-        outer(momenta, jax.lax.rsqrt(rms + EPS)), fac_rsqrt, outer(momenta, fac_rsqrt)], axis=1)
-    per_param = feat.second_moment_normalize(per_param, layout)
+    fac_v = jnp.concatenate(fac_v, axis=0)  # [P, K]
+    per_param = feat.second_moment_normalize(
+        per_param_features(p, g, momenta, rms, fac_v), layout)
     time = feat.tanh_time_embedding(opt_state.iteration)
     time = jnp.broadcast_to(time, (p.shape[0], time.shape[0]))
     out = lopt.net.apply(self.theta, jnp.concatenate([per_param, time], axis=1))

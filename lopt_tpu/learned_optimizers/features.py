@@ -46,11 +46,22 @@ def flatten(tree, dtype=jnp.float32) -> jax.Array:
 def apply_step(params, layout: FlatLayout, step: jax.Array):
   """`params - step` for the flat float32 [P] `step`, leaf by leaf in each leaf's own precision
   (at least float32), so that float64 params (jax_enable_x64) keep their precision: computed
-  on the flat float32 copy they were rounded to float32 at every step, even a zero one."""
+  on the flat float32 copy they were rounded to float32 at every step, even a zero one.
+
+  Integer and boolean leaves are left as they are (as optax leaves them): a float step cast
+  back to int truncates toward zero, so a tiny step moved them by one every time.
+  """
   leaves = jax.tree_util.tree_leaves(params)
   parts = jnp.split(step, np.cumsum(layout.sizes)[:-1]) if layout.sizes else []
-  new = [(x.astype(jnp.promote_types(x.dtype, jnp.float32)) - d.reshape(x.shape)).astype(x.dtype)
-         for x, d in zip(leaves, parts)]
+
+  def leaf_step(x, d):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      return x
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (wide - d.reshape(x.shape)).astype(x.dtype)
+
+  new = [leaf_step(x, d) for x, d in zip(leaves, parts)]
   return jax.tree_util.tree_unflatten(layout.treedef, new)
 
 

@@ -45,9 +45,14 @@ class _MetaSGDOptimizer(opt_base.Optimizer):
   def update(self, opt_state, grads, loss=None, model_state=None, key=None):
     lr = jnp.exp(self.theta["log_lr"])
     wd = jnp.exp(self.theta["log_wd"])
-    # Cast back: float32 lr/wd would otherwise promote bfloat16 params (a scan-carry change).
-    params = jax.tree_util.tree_map(lambda p, g: (p - lr * g - wd * p).astype(jnp.result_type(p)),
-                                    opt_state.params, grads)
+    def step(p, g):
+      p = jnp.asarray(p)
+      if not jnp.issubdtype(p.dtype, jnp.inexact):  # integer leaves are not trained
+        return p
+      # Cast back: float32 lr/wd would otherwise promote bfloat16 params (a scan-carry change).
+      return (p - lr * g - wd * p).astype(p.dtype)
+
+    params = jax.tree_util.tree_map(step, opt_state.params, grads)
     return MetaSGDState(
         params=params,
         model_state=opt_state.model_state if model_state is None else model_state,
