@@ -20,6 +20,13 @@ from lopt_tpu.outer import sharding
 from lopt_tpu.outer.estimators import base as est_base
 
 
+# Meta-gradient entries are bounded to this before the outer optimizer sees them: Adam's second
+# moment holds g^2 in float32, and one entry above ~1.8e19 (a diverging but still finite task
+# times PES's 1/(2 std^2)) made it inf for good, freezing that entry of theta for the rest of
+# the run. 1e18 squared still fits, and no useful meta-gradient entry comes near it.
+MAX_GRAD_ENTRY = 1e18
+
+
 @flax.struct.dataclass
 class GradientLearnerState:
   theta: Any
@@ -136,7 +143,8 @@ class GradientLearner:
   Args:
     learned_opt: provides `init(key) -> theta`.
     theta_opt: optax transformation for theta (e.g. `optax.adam(1e-3)`).
-    meta_grad_clip: if set, clip the averaged meta-gradient to this global norm.
+    meta_grad_clip: if set, clip the averaged meta-gradient to this global norm. Either way
+      its entries are bounded to +-`MAX_GRAD_ENTRY`.
   """
 
   def __init__(self, learned_opt: lopt_base.LearnedOptimizer,
@@ -164,6 +172,7 @@ class GradientLearner:
     if self.meta_grad_clip is not None:
       grad_norm = scaled_norms(raw_grads[None])[0]
       grads = raw_grads * jnp.minimum(1.0, self.meta_grad_clip / (grad_norm + 1e-12))
+    grads = jnp.clip(grads, -MAX_GRAD_ENTRY, MAX_GRAD_ENTRY)
     _, unravel = jax.flatten_util.ravel_pytree(state.theta)
     updates, opt_state = self.theta_opt.update(unravel(grads), state.theta_opt_state,
                                                state.theta)
