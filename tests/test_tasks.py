@@ -247,6 +247,11 @@ def test_family_rejects_bad_ranges(digits):
     image_mlp.ImageMLPFamily(digits, max_width=8, min_width=16)
   with pytest.raises(ValueError, match="min_depth"):
     image_mlp.ImageMLPFamily(digits, min_depth=0)
+  for batch_size in (0, -3, 2.5):  # once a ZeroDivisionError or shape error in the first loss
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+      image_mlp.ImageMLPFamily(digits, batch_size=batch_size)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+      image_mlp.ImageMLPTask(digits, batch_size=batch_size)
 
 
 def test_family_vmaps_init_loss_grad_with_zero_masked_grads(family, sampled_task_params):

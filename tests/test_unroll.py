@@ -11,6 +11,7 @@ from lopt_tpu.outer import gradient_learner
 from lopt_tpu.outer import truncation
 from lopt_tpu.outer import unroll as unroll_lib
 from lopt_tpu.outer.estimators import base as est_base
+from lopt_tpu.outer.estimators import full
 from lopt_tpu.outer.estimators import truncated
 from lopt_tpu.tasks import quadratics
 
@@ -41,6 +42,40 @@ def test_random_initial_offsets_desynchronize_tasks():
   states = u.init_states(LOPT.init(None), jax.random.key(0))
   steps = np.asarray(states.inner_step)
   assert steps.min() >= 0 and steps.max() < 50 and len(set(steps.tolist())) > 8
+
+
+@pytest.mark.parametrize("make", [lambda: truncation.ConstantTruncationSchedule(0.5),
+                                  lambda: truncation.LogUniformLengthSchedule(0.9, 4),
+                                  lambda: truncation.LogUniformLengthSchedule(2, 7.5)])
+def test_fractional_truncation_lengths_are_refused(make):
+  # int() made them 0-length runs that restart after every step (log(0): all samples 0).
+  with pytest.raises(ValueError, match="must be a whole number of steps"):
+    make()
+  assert truncation.LogUniformLengthSchedule(2.0, np.int64(7)).max_length == 7
+
+
+def test_initial_offsets_stay_within_each_runs_length():
+  # The default config's offset 300 with lengths 100-300: a start drawn past the run's length
+  # ended 39% of the runs together at their first step.
+  u = unroll_lib.TruncatedUnroll(quadratics.FixedDimQuadraticFamily(5), LOPT,
+                                 truncation.LogUniformLengthSchedule(100, 300), 512, 300)
+  states = u.init_states(LOPT.init(None), jax.random.key(0))
+  left = np.asarray(states.length - states.inner_step)  # steps to each run's first restart
+  assert left.min() >= 1
+  # Roughly uniform over the run: about a quarter of them restart in its first quarter.
+  assert 0.15 < np.mean(left <= 0.25 * np.asarray(states.length)) < 0.35
+
+
+def test_full_episodes_neither_restart_nor_report_restarts():
+  u = unroll_lib.TruncatedUnroll(quadratics.FixedDimQuadraticFamily(5), LOPT,
+                                 truncation.LogUniformLengthSchedule(3, 12), 4)
+  est = full.FullES(u, num_steps=12)
+  theta = LOPT.init(None)
+  out, _ = jax.jit(est.compute_gradient_estimate)(theta, est.init_worker_state(theta, None),
+                                                  jax.random.key(0))
+  assert float(out.metrics["restart_frac"]) == 0.0  # was the steps past a drawn length: 0.4
+  states = u.init_states(theta, jax.random.key(0), offset=0, length=12)
+  assert np.all(np.asarray(states.length) == 12)  # what Optimizer.init is told as num_steps
 
 
 def test_validation_meta_loss_is_the_loss_after_the_update_on_a_valid_batch():
@@ -106,6 +141,23 @@ def test_a_huge_finite_meta_gradient_is_clipped_not_zeroed(entry):
   _, metrics = jax.jit(learner.update)(learner.init(jax.random.key(0)), [grads])
   np.testing.assert_allclose(float(metrics["theta_update_norm"]), 0.5, rtol=1e-5)
   np.testing.assert_allclose(float(metrics["theta_grad_norm"]), 2 * entry, rtol=1e-5)
+
+
+def test_a_huge_meta_gradient_entry_does_not_freeze_adam_for_good():
+  # Without a clip, Adam's second moment of an entry above ~1.8e19 was inf from then on, and
+  # that entry of theta never moved again.
+  learner = gradient_learner.GradientLearner(_FourZeros(), optax.adam(1e-3))
+  update = jax.jit(learner.update)
+  state = learner.init(jax.random.key(0))
+  for first in (1e20, -1.0, -1.0):
+    grads = gradient_learner.AggregatedGradient(
+        theta_grads=jnp.asarray([first, 1., 1., 1.], jnp.float32), losses=jnp.zeros([1]),
+        loss_weights=jnp.ones([1]), metrics={}, metric_weights={})
+    before = state.theta["w"]
+    state, metrics = update(state, [grads])
+  assert float(metrics["theta_grad_norm"]) > 0
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.theta_opt_state))
+  assert abs(float(state.theta["w"][0] - before[0])) > 1e-4  # it still moves (was exactly 0)
 
 
 def _chunked(tasks_per_chunk, num_tasks=8):

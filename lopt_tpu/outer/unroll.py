@@ -47,7 +47,8 @@ class StepOut(NamedTuple):
   """What one inner step reports (leading axes added by vmap/scan)."""
   loss: jax.Array  # training loss at the params before the update
   meta_loss: jax.Array  # loss the meta-objective averages (train or validation split)
-  is_done: jax.Array  # bool: the run ended at this step (restarted after it)
+  is_done: jax.Array  # bool: the run ended at this step and restarted after it (never in
+  # the full-episode unrolls, which do not restart)
   diverged: jax.Array  # bool: non-finite loss or params; the run was restarted
   valid: jax.Array  # bool: meta_loss is finite and may enter a gradient
 
@@ -68,8 +69,9 @@ class TruncatedUnroll:
     learned_opt: the learned optimizer whose `theta` is meta-trained.
     trunc_sched: samples each inner run's length.
     num_tasks: instances trained in parallel (the global count when sharded).
-    random_initial_iteration_offset: initial step counters are drawn from [0, offset) so the
-      instances restart at different times instead of in lock step.
+    random_initial_iteration_offset: initial step counters are drawn from
+      [0, min(offset, the run's length)) so the instances restart at different times instead
+      of in lock step.
     meta_loss_split: "train" (loss on the training batch, free) or "valid" (an extra loss
       evaluation on a validation batch after each update).
     meta_loss_transform: "none" (the loss itself) or "log" (its logarithm, floored at
@@ -101,13 +103,17 @@ class TruncatedUnroll:
 
   # ---- one task ------------------------------------------------------------------------------
 
-  def new_run(self, theta, key: jax.Array, task_index: jax.Array) -> UnrollState:
-    """A fresh inner run for one task slot: new task, new params, new length."""
+  def new_run(self, theta, key: jax.Array, task_index: jax.Array,
+              length: Optional[int] = None) -> UnrollState:
+    """A fresh inner run for one task slot: new task, new params, and a new length drawn from
+    the truncation schedule unless `length` is given (a full episode's)."""
     k_task, k_params, k_len, k_opt = jax.random.split(key, 4)
     task_params = self.task_family.sample(k_task)
     task = self.task_family.task_fn(task_params)
     params, model_state = task.init_with_state(k_params)
-    length = self.trunc_sched.sample_length(k_len)
+    if length is None:
+      length = self.trunc_sched.sample_length(k_len)
+    length = jnp.asarray(length, jnp.int32)
     opt = self.learned_opt.opt_fn(theta, is_training=True)
     opt_state = opt.init(params, model_state=model_state, num_steps=length, key=k_opt)
     return UnrollState(opt_state=opt_state, task_params=task_params,
@@ -144,10 +150,12 @@ class TruncatedUnroll:
   # ---- many tasks ----------------------------------------------------------------------------
 
   def init_states(self, theta, key: jax.Array, task_index: Optional[jax.Array] = None,
-                  offset: Optional[int] = None, theta_batched: bool = False) -> UnrollState:
+                  offset: Optional[int] = None, theta_batched: bool = False,
+                  length: Optional[int] = None) -> UnrollState:
     """Fresh runs for `task_index` (default: all `num_tasks`), step counters offset at random.
 
     With `theta_batched`, `theta` has a leading task axis (one perturbed theta per task).
+    `length`: every run's length (default: drawn from the truncation schedule per run).
     """
     if task_index is None:
       task_index = jnp.arange(self.num_tasks, dtype=jnp.int32)
@@ -157,9 +165,13 @@ class TruncatedUnroll:
       # Separate children for the run and its offset: `new_run` splits its key, and
       # `split(k)[i]` is `fold_in(k, i)`, so a `fold_in(k, 1)` here would be its params key.
       k_run, k_offset = jax.random.split(jax.random.fold_in(key, i))
-      state = self.new_run(theta, k_run, i)
+      state = self.new_run(theta, k_run, i, length)
       if offset > 0:
-        start = jax.random.randint(k_offset, [], 0, offset, jnp.int32)
+        # Within the run's own length: a start past it would end the run at its first step,
+        # in lock step with every other run that drew one (39% of them for lengths 100-300
+        # and offset 300).
+        start = jax.random.randint(k_offset, [], 0, jnp.minimum(offset, state.length),
+                                   jnp.int32)
         state = state.replace(inner_step=start)
       return state
 
@@ -256,6 +268,8 @@ class TruncatedUnroll:
         # Restarts are rare: a real branch skips building fresh runs on most steps.
         states = jax.lax.cond(jnp.any(done), restart_done, lambda s: s, states)
         out = out._replace(is_done=jnp.broadcast_to(done, out.is_done.shape))
+      else:  # nothing restarts (a run past its length, or diverged, just goes on)
+        out = out._replace(is_done=jnp.zeros_like(out.is_done))
       return states, out
 
     # Under shard_map, parts of a fresh state (e.g. zero momenta) are device-invariant while

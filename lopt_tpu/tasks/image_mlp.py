@@ -27,6 +27,13 @@ ACTIVATIONS = {
 }
 
 
+def _positive_batch_size(batch_size) -> int:
+  """Refused at construction: 0 or less only failed inside the first traced loss, cryptically."""
+  if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+  return int(batch_size)
+
+
 def get_activation(name: str):
   """Returns the activation function called `name`."""
   if name not in ACTIVATIONS:
@@ -85,7 +92,7 @@ class ImageMLPTask(base.Task):
     self.dataset = _as_dataset(dataset)
     self.hidden_sizes = tuple(int(s) for s in hidden_sizes)
     self.activation = activation
-    self.batch_size = int(batch_size)
+    self.batch_size = _positive_batch_size(batch_size)
     self.init_scale = init_scale
     self.module = MLP(self.hidden_sizes, self.dataset.num_classes, activation)
     self._shapes = initializers.param_shapes(
@@ -201,7 +208,7 @@ class ImageMLPFamily(base.TaskFamily):
     self.min_width, self.min_depth = int(min_width), int(min_depth)
     self.activations = tuple(activations)
     self.log_init_scale_range = tuple(float(x) for x in log_init_scale_range)
-    self.batch_size = int(batch_size)
+    self.batch_size = _positive_batch_size(batch_size)
     self.module = MaskedMLP(self.max_width, self.max_depth, self.dataset.num_classes,
                             self.activations)
     self.param_shapes = initializers.param_shapes(

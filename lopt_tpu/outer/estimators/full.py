@@ -36,15 +36,17 @@ class _FullEpisode(base.GradientEstimator):
   def _episode(self, thetas, key, task_index, thetas_batched):
     """Runs fresh episodes; `thetas` has [S, T] axes when batched. Returns their StepOut.
 
-    Runs never restart, so a run that diverges stays invalid to the end of the episode."""
+    Runs never restart, so a run that diverges stays invalid to the end of the episode; their
+    length (what `Optimizer.init` is told as `num_steps`) is the episode's."""
     k_init, k_unroll = jax.random.split(key)
     if thetas_batched:
       init = jax.vmap(lambda th: self.unroll.init_states(th, k_init, task_index, offset=0,
-                                                         theta_batched=True))
+                                                         theta_batched=True,
+                                                         length=self.num_steps))
       states = init(thetas)
     else:
       states = base.add_sample_axis(
-          self.unroll.init_states(thetas, k_init, task_index, offset=0))
+          self.unroll.init_states(thetas, k_init, task_index, offset=0, length=self.num_steps))
     _, out = self.unroll.unroll(thetas, states, k_unroll, self.num_steps,
                                 thetas_batched=thetas_batched, allow_restart=False)
     return out
