@@ -59,10 +59,12 @@ def test_bench_quadratic_smoke(tmp_path):
   # The trip-count correction adds the 49 missing inner steps to XLA's raw count.
   assert r["flops_per_step"] > r["xla_raw_flops"]
   _positive(r["inner_step_flops"][0], "inner_step_flops")
-  # A process with a warm persistent compilation cache skips the compiles: its init and first
-  # step are faster than those of the process that filled the cache (by ~2-3x here).
+  # A process with a warm persistent compilation cache skips the compiles: its first step is
+  # faster than that of the process that filled the cache (by ~2-3x here). Its init is too on a
+  # quiet machine, but the init's smaller margin flipped once with the cores contended.
   cold, warm = r["warm_cache"]["cold"], r["warm_cache"]["warm"]
-  assert warm["first_step_s"] < cold["first_step_s"] and warm["init_s"] < cold["init_s"], r
+  assert warm["first_step_s"] < cold["first_step_s"], r
+  _positive(warm["init_s"], "warm init_s")
   assert "Compilation cache, quadratic on 1 devices" in proc.stdout
   # One more cold first step in its own process; the table shows median [min-max] of both.
   (repeat,) = r["first_step_repeats_s"]
