@@ -5,6 +5,7 @@ noise), so the only randomness left is the estimators' own perturbations, and th
 statistical error can be computed and turned into tolerances.
 """
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 import diverging_family
 from lopt_tpu.learned_optimizers import meta_sgd
+from lopt_tpu.optimizers import base as opt_base
 from lopt_tpu.outer import truncation
 from lopt_tpu.outer import unroll as unroll_lib
 from lopt_tpu.outer.estimators import base
@@ -131,12 +133,67 @@ def test_pes_accumulator_resets_when_run_restarts():
   step = jax.jit(est.compute_gradient_estimate)
   _, s1 = step(_theta(), state, jax.random.key(1))  # steps 1..10: no restart
   _, s2 = step(_theta(), s1, jax.random.key(2))  # steps 11..20: restart at the last step
-  # After the first truncation the accumulator is that truncation's eps; after the restart
-  # it holds only the second truncation's eps, so it is not the sum of both.
+  # After the first truncation the accumulator is eps_0 + that truncation's eps; after the
+  # restart it holds only the second truncation's eps, so it is not the sum of them.
   a1, a2 = np.asarray(s1.accumulator[0]), np.asarray(s2.accumulator[0])  # task 0, theta flat
   assert np.linalg.norm(a1) > 0 and np.linalg.norm(a2) > 0
   assert np.linalg.norm(a2 - a1) > 0.5 * np.linalg.norm(a2)
   assert int(s2.pos_state.inner_step[0]) == 0
+
+
+@flax.struct.dataclass
+class _InitLRState:
+  params: jax.Array
+  model_state: object
+  lr: jax.Array
+
+
+class _InitLRSGD(opt_base.Optimizer):
+  """SGD whose rate is read from theta once, in `init`, as an RNN's initial carry is."""
+
+  def __init__(self, theta):
+    self.theta = theta
+
+  def init(self, params, model_state=None, num_steps=None, key=None):
+    return _InitLRState(params, model_state, jnp.exp(self.theta["log_lr"]))
+
+  def update(self, opt_state, grads, loss=None, model_state=None, key=None):
+    return opt_state.replace(params=opt_state.params - opt_state.lr * grads)
+
+
+class _InitLR(meta_sgd.MetaSGDWD):
+  name = "init_lr_sgd"
+
+  def opt_fn(self, theta, is_training=False):
+    return _InitLRSGD(theta)
+
+
+def test_pes_first_runs_see_the_perturbation_of_what_theta_sets_at_init():
+  # The first runs used to be built with the unperturbed theta: PES's estimate for a theta
+  # that only acts through `init` was 0 (-1e-5 +- 4e-5) until each task's first restart.
+  episode, trunc = 20, 10
+  lopt = _InitLR(initial_lr=0.1)
+  make = lambda n: unroll_lib.TruncatedUnroll(
+      tasks_base.single_task_to_family(_FixedStartQuadratic()), lopt,
+      truncation.ConstantTruncationSchedule(episode), n)
+  theta = lopt.init(None)
+  exact_est = full.FullGrad(make(1), episode)
+  exact, _ = jax.jit(exact_est.compute_gradient_estimate)(
+      theta, exact_est.init_worker_state(theta, None), jax.random.key(0))
+  est = pes.TruncatedPES(make(256), trunc, std=0.01)
+  step = jax.jit(est.compute_gradient_estimate)
+  runs = []
+  for r in range(4):  # the first episode (two truncations) of independent workers
+    state = est.init_worker_state(theta, jax.random.key(10 + r))
+    total = 0.0
+    for k in range(episode // trunc):
+      out, state = step(theta, state, jax.random.key(100 * r + k))
+      total += float(out.grad["log_lr"])
+    runs.append(total / (episode // trunc))
+  g = float(exact.grad["log_lr"])
+  mean, stderr = np.mean(runs), np.std(runs, ddof=1) / np.sqrt(len(runs))
+  assert abs(mean - g) < 4 * stderr + 0.02 * abs(g), (mean, stderr, g)
+  assert 4 * stderr < 0.5 * abs(g), (stderr, g)
 
 
 def test_antithetic_pair_shares_randomness():
@@ -168,6 +225,21 @@ def test_diverging_inner_runs_never_reach_theta(make):
   assert diverged > 0  # the inner runs really did blow up
 
 
+def test_huge_finite_task_parts_cannot_overflow_the_means():
+  # Each task's part is finite (2e38), but a mean adds before it divides: the sum was inf, the
+  # entry was zeroed as "non-finite" (while nonfinite_grad_frac said 0), and the means over
+  # estimators and devices of finite estimates could overflow the same way.
+  w, e = jnp.asarray([2e19, 2e19, 1.0]), jnp.asarray([[10., -10.], [10., 10.], [1., 1.]])
+  grad, bad = base.es_task_mean([(w, e)])
+  np.testing.assert_allclose(grad, [2e18 / 3, 1 / 3], rtol=1e-6)  # parts bounded to 1e18
+  assert float(bad) == 0.0
+  clean, bad = base.sanitize_grad({"a": jnp.asarray([3e38, -jnp.inf, 0.5])})
+  np.testing.assert_array_equal(clean["a"], np.float32([base.MAX_GRAD_ENTRY, 0.0, 0.5]))
+  assert float(bad) == pytest.approx(1 / 3)
+  # So the sum of a few bounded estimates stays finite.
+  assert np.isfinite(np.float32(4) * np.float32(base.MAX_GRAD_ENTRY))
+
+
 def test_per_task_meta_loss_is_nan_when_nothing_is_valid():
   loss = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, jnp.nan]])  # [steps, T]
   valid = jnp.array([[True, False, True], [True, False, False]])
@@ -184,7 +256,7 @@ def test_per_task_meta_loss_is_nan_when_nothing_is_valid():
     # ES-type: a finite but huge loss difference overflows delta / (2 std^2) for its task.
     (lambda u: full.FullES(u, 20, std=1e-3), True),
     (lambda u: truncated.TruncatedES(u, 20, std=1e-3), True),
-    (lambda u: pes.TruncatedPES(u, 20, std=1e-4), True)],
+    (lambda u: pes.TruncatedPES(u, 20, std=1e-6), True)],
     ids=["full_grad", "truncated_grad", "full_es", "truncated_es", "truncated_pes"])
 def test_a_diverging_task_only_drops_its_own_gradient(make, some_dropped):
   # Before: one NaN task made every gradient entry NaN (0 * NaN in the shared backward pass),

@@ -89,6 +89,6 @@ def test_init_and_update_with_the_same_key_draw_unrelated_numbers(monkeypatch):
   targets = np.asarray(state.gradient_estimator_states[0].pair.task_params["target"][0])
   for _ in range(3):
     state, _, _ = trainer.update(state, key)
-  assert len(drawn) == 3
+  assert len(drawn) == 4  # PES's first runs' eps_0 (in init), then one per update
   for eps in drawn:  # [T, P] standard normals vs [T, 10] standard-normal targets
     assert np.abs(eps[:, :10] - targets).min() > 1e-4

@@ -130,17 +130,33 @@ class _FourZeros:
     return {"w": jnp.zeros(4)}
 
 
-@pytest.mark.parametrize("entry", [1e10, 1e19, 1e30])
-def test_a_huge_finite_meta_gradient_is_clipped_not_zeroed(entry):
+@pytest.mark.parametrize("entry", [1e10, 1e19, 1e30, 3e38])
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_a_huge_finite_meta_gradient_is_clipped_not_zeroed(entry, num_workers):
   # Squares of float32 entries above ~1.8e19 overflow: the norm was inf, and the clip factor
-  # clip / inf = 0 turned the step into no step at all.
+  # clip / inf = 0 turned the step into no step at all. Two workers' 3e38 added up to inf,
+  # and the clip made theta NaN.
   learner = gradient_learner.GradientLearner(_FourZeros(), optax.sgd(1.0), meta_grad_clip=0.5)
   grads = gradient_learner.AggregatedGradient(
       theta_grads=jnp.full([4], entry, jnp.float32), losses=jnp.zeros([1]),
       loss_weights=jnp.ones([1]), metrics={}, metric_weights={})
-  _, metrics = jax.jit(learner.update)(learner.init(jax.random.key(0)), [grads])
+  state, metrics = jax.jit(learner.update)(learner.init(jax.random.key(0)),
+                                           [grads] * num_workers)
   np.testing.assert_allclose(float(metrics["theta_update_norm"]), 0.5, rtol=1e-5)
-  np.testing.assert_allclose(float(metrics["theta_grad_norm"]), 2 * entry, rtol=1e-5)
+  np.testing.assert_allclose(state.theta["w"], -0.25, rtol=1e-5)
+  # Entries are bounded to MAX_GRAD_ENTRY (1e18) before the norm.
+  np.testing.assert_allclose(float(metrics["theta_grad_norm"]), 2 * min(entry, 1e18), rtol=1e-5)
+
+
+def test_an_estimator_with_nothing_valid_does_not_pull_the_meta_loss_down():
+  # A family whose runs all diverged reports loss 0 with weight 0: averaged in, it halved the
+  # meta-loss of the other family.
+  grads = gradient_learner.AggregatedGradient(
+      theta_grads=jnp.zeros([4]), losses=jnp.asarray([0.04, 0.0]),
+      loss_weights=jnp.asarray([0.5, 0.0]), metrics={}, metric_weights={})
+  np.testing.assert_allclose(float(grads.mean_loss), 0.04)
+  none = grads.replace(loss_weights=jnp.zeros([2]))
+  assert float(none.mean_loss) == 0.0
 
 
 def test_a_huge_meta_gradient_entry_does_not_freeze_adam_for_good():

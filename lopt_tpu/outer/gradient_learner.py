@@ -20,13 +20,6 @@ from lopt_tpu.outer import sharding
 from lopt_tpu.outer.estimators import base as est_base
 
 
-# Meta-gradient entries are bounded to this before the outer optimizer sees them: Adam's second
-# moment holds g^2 in float32, and one entry above ~1.8e19 (a diverging but still finite task
-# times PES's 1/(2 std^2)) made it inf for good, freezing that entry of theta for the rest of
-# the run. 1e18 squared still fits, and no useful meta-gradient entry comes near it.
-MAX_GRAD_ENTRY = 1e18
-
-
 @flax.struct.dataclass
 class GradientLearnerState:
   theta: Any
@@ -59,8 +52,11 @@ class AggregatedGradient:
 
   @property
   def mean_loss(self) -> jax.Array:
-    """The estimators' losses averaged with equal weight (as their gradients are)."""
-    return jnp.mean(self.losses)
+    """The estimators' losses averaged with equal weight (as their gradients are), over those
+    with any valid entry: one whose runs all diverged reports 0 with weight 0, which would
+    pull the mean down. 0 when none has one."""
+    scored = self.loss_weights > 0
+    return jnp.sum(jnp.where(scored, self.losses, 0.0)) / jnp.maximum(jnp.sum(scored), 1)
 
 
 def _weighted(values: Dict[str, jax.Array], weights: Dict[str, jax.Array], combine):
@@ -130,7 +126,7 @@ def gradient_worker_compute(worker_weights: WorkerWeights,
       metric_weights[f"{label}/mean_loss"] = out.loss_weight
       metrics.update({f"{label}/{k}": v for k, v in out.metrics.items()})
       metric_weights.update({f"{label}/{k}": w for k, w in out.metric_weights.items()})
-  grad = sum(jax.flatten_util.ravel_pytree(g)[0] for g in grads) / len(grads)
+  grad = sum(jax.flatten_util.ravel_pytree(g)[0] / len(grads) for g in grads)
   to_put = AggregatedGradient(theta_grads=grad, losses=jnp.stack(losses),
                               loss_weights=jnp.stack(loss_weights), metrics=metrics,
                               metric_weights=metric_weights)
@@ -144,7 +140,7 @@ class GradientLearner:
     learned_opt: provides `init(key) -> theta`.
     theta_opt: optax transformation for theta (e.g. `optax.adam(1e-3)`).
     meta_grad_clip: if set, clip the averaged meta-gradient to this global norm. Either way
-      its entries are bounded to +-`MAX_GRAD_ENTRY`.
+      its entries are bounded to +-`est_base.MAX_GRAD_ENTRY`.
   """
 
   def __init__(self, learned_opt: lopt_base.LearnedOptimizer,
@@ -165,14 +161,14 @@ class GradientLearner:
              key: Optional[jax.Array] = None) -> Tuple[GradientLearnerState, Dict[str, Any]]:
     """Averages the workers' gradients and takes one outer-optimizer step."""
     del key  # the outer update is deterministic; kept for interface symmetry
-    raw_grads = worker_outputs[0].theta_grads
-    if len(worker_outputs) > 1:
-      raw_grads = sum(w.theta_grads for w in worker_outputs) / len(worker_outputs)
+    # Divided before they are added, and bounded as every estimate is (also the gradients of
+    # workers other than ours): an inf here made the clip's norm inf / inf = NaN, and theta NaN.
+    raw_grads = est_base.bound_entries(
+        sum(w.theta_grads / len(worker_outputs) for w in worker_outputs))
     grads = raw_grads
     if self.meta_grad_clip is not None:
       grad_norm = scaled_norms(raw_grads[None])[0]
       grads = raw_grads * jnp.minimum(1.0, self.meta_grad_clip / (grad_norm + 1e-12))
-    grads = jnp.clip(grads, -MAX_GRAD_ENTRY, MAX_GRAD_ENTRY)
     _, unravel = jax.flatten_util.ravel_pytree(state.theta)
     updates, opt_state = self.theta_opt.update(unravel(grads), state.theta_opt_state,
                                                state.theta)

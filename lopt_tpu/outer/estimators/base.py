@@ -167,10 +167,22 @@ def per_task_backprop(per_task_loss_fn, theta, num_tasks: int):
   return finish(grad, per_task, ok, out, nonfinite_frac=bad), extra
 
 
+# Every estimate's entries are bounded to +-this: each task's part before the mean over tasks,
+# and the estimate itself. The means over tasks, estimators, devices and hosts then cannot
+# overflow (they add before they divide: two finite 2e38 parts made inf, and a clipped theta
+# NaN for good), and Adam's second moment, g^2 in float32, stays finite (one entry above ~1.8e19
+# made it inf and froze that entry of theta). No useful meta-gradient entry comes near it.
+MAX_GRAD_ENTRY = 1e18
+
+
+def bound_entries(x: jax.Array) -> jax.Array:
+  return jnp.clip(x, -MAX_GRAD_ENTRY, MAX_GRAD_ENTRY)
+
+
 def _mean_of_finite_tasks(per_task_grads, per_task_loss: Optional[jax.Array] = None):
   """Mean over the T tasks of [T, ...] gradients, a task with a non-finite gradient (or loss,
   when given) counted as zero (the denominator stays T, so equal shards still combine exactly
-  by `pmean`).
+  by `pmean`), each task's entries bounded to +-`MAX_GRAD_ENTRY`.
 
   Returns (grad, ok [T] bool, fraction of gradient entries that were non-finite).
   """
@@ -183,20 +195,22 @@ def _mean_of_finite_tasks(per_task_grads, per_task_loss: Optional[jax.Array] = N
 
   def mean(g):
     keep = jnp.reshape(ok, ok.shape + (1,) * (g.ndim - 1))
-    return jnp.mean(jnp.where(keep, g, 0.0), axis=0)
+    return jnp.mean(bound_entries(jnp.where(keep, g, 0.0)), axis=0)
 
   return jax.tree_util.tree_map(mean, per_task_grads), ok, bad
 
 
 def sanitize_grad(grad):
-  """Zeroes non-finite gradient entries so one bad inner run never poisons theta.
+  """Zeroes non-finite gradient entries so one bad inner run never poisons theta, and bounds
+  the others to +-`MAX_GRAD_ENTRY`.
 
   Returns (grad, fraction of entries that were non-finite).
   """
   leaves = jax.tree_util.tree_leaves(grad)
   bad = sum(jnp.sum(~jnp.isfinite(x)) for x in leaves)
   total = sum(x.size for x in leaves)
-  clean = jax.tree_util.tree_map(lambda x: jnp.where(jnp.isfinite(x), x, 0.0), grad)
+  clean = jax.tree_util.tree_map(lambda x: bound_entries(jnp.where(jnp.isfinite(x), x, 0.0)),
+                                 grad)
   return clean, bad / max(total, 1)
 
 

@@ -9,8 +9,9 @@ began. For a truncation of K steps with fresh perturbation eps_i:
             = eps_i         for steps of a run that restarted inside this truncation,
     xi_i   <- eps_i if task i restarted in this truncation, else xi_i + eps_i.
 
-Because w carries every perturbation that influenced the loss, summing g over the truncations
-of a run estimates the gradient of the run's mean loss without truncation bias.
+The first runs start like restarted ones: built with theta +- eps_0 and xi_i = eps_0. Because
+w carries every perturbation that influenced the loss, averaging g over the truncations of a
+run estimates the gradient of the run's mean loss without truncation bias.
 """
 
 import flax
@@ -70,11 +71,17 @@ class TruncatedPES(base.GradientEstimator):
     return 2 * self.trunc_length * self.unroll.num_tasks
 
   def init_worker_state(self, theta, key, task_index=None):
+    """The first runs, built with theta +- eps_0 and xi = eps_0, exactly as a restart builds
+    them: a learned optimizer whose theta enters its `init` (an RNN's initial carry) would
+    otherwise get no PES signal for that part of theta until each task's first restart."""
     task_index = base.default_task_index(self.unroll, task_index)
-    states = self.unroll.init_states(theta, key, task_index)
-    flat, _ = jax.flatten_util.ravel_pytree(theta)
-    return PESState(pair=base.add_sample_axis(states, 2),
-                    accumulator=jnp.zeros((task_index.shape[0],) + flat.shape, flat.dtype))
+    k_runs, k_eps = jax.random.split(key)
+    flat, unravel = jax.flatten_util.ravel_pytree(theta)
+    eps = base.sample_flat_perturbations(flat, k_eps, task_index, self.std)  # [T, P]
+    thetas = jax.vmap(jax.vmap(unravel))(jnp.stack([flat + eps, flat - eps]))
+    pair = jax.vmap(lambda th: self.unroll.init_states(th, k_runs, task_index,
+                                                       theta_batched=True))(thetas)
+    return PESState(pair=pair, accumulator=eps)
 
   def state_partition_specs(self, state):
     return PESState(pair=base.partition_specs(state.pair, task_axis=1),
