@@ -7,6 +7,7 @@ checkpoint cut off mid-write is never listed, and never loaded.
 import os
 from typing import Any, List, Optional, Tuple
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
@@ -15,9 +16,10 @@ class Checkpointer:
   """Saves every `save_every` steps (and when forced), keeps the newest `keep`."""
 
   def __init__(self, directory: str, keep: int = 3):
-    self.directory = os.path.abspath(directory)
+    # A remote path (gs://...) as it is: os.path.abspath made it a local ./gs:/ path.
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = ocp.CheckpointManager(epath.Path(self.directory), options=options)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()

@@ -8,8 +8,10 @@ import json
 import math
 import os
 import tempfile
+import uuid
 
 from absl import logging
+from etils import epath
 import jax
 
 from lopt_tpu import compile_cache
@@ -183,13 +185,34 @@ def _make_writable_dir(directory: str):
     pass
 
 
+def _make_writable_workdir(workdir: str):
+  """`_make_writable_dir` through epath, which also reaches gs:// buckets (where `os` would
+  have made a local ./gs:/ directory)."""
+  path = epath.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  probe = path / f".write_probe_{uuid.uuid4().hex}"  # unique across the hosts of a pod
+  probe.write_text("")
+  probe.unlink()
+
+
 def check_workdir(workdir: str):
   if not workdir:
     _fail("workdir", workdir, "pass --workdir=DIR, a writable directory")
   try:
-    _make_writable_dir(workdir)
-  except OSError as e:
+    _make_writable_workdir(workdir)
+  except Exception as e:  # pylint: disable=broad-except: remote filesystems raise their own
     raise ConfigError(f"--workdir={workdir!r} is not writable: {_one_line(e)}") from None
+
+
+def latest_checkpoint_step(workdir: str):
+  """The newest outer step with a checkpoint directory in `workdir` (None if none), read
+  without building anything: orbax names finished checkpoints by their step, unfinished ones
+  `<step>.orbax-checkpoint-tmp...`."""
+  checkpoints = epath.Path(workdir) / "checkpoints"
+  if not checkpoints.is_dir():
+    return None
+  steps = [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()]
+  return max(steps) if steps else None
 
 
 def check_compilation_cache(setting: str, workdir: str):
@@ -237,15 +260,15 @@ def check_resume(config, workdir: str, device_count: int = None):
   A different device count only warns: the run is the same, but its task means are summed in
   another order, so it is no longer bitwise equal to an uninterrupted run.
   """
-  if _remote(workdir):
-    return  # not checked yet for remote workdirs (gs://...): see README
-  path = os.path.join(workdir, RUN_CONFIG_FILE)
-  checkpoints = os.path.join(workdir, "checkpoints")
-  if not (os.path.exists(path) and os.path.isdir(checkpoints)
-          and any(name.isdigit() for name in os.listdir(checkpoints))):
+  latest = latest_checkpoint_step(workdir)
+  if latest is not None and latest > config.num_outer_steps:
+    _fail("num_outer_steps", config.num_outer_steps,
+          f"--workdir={workdir!r} already holds outer step {latest}; raise it, or use a new "
+          "workdir")
+  path = epath.Path(workdir) / RUN_CONFIG_FILE
+  if latest is None or not path.exists():
     return  # nothing to resume: the run starts afresh under the new config
-  with open(path) as f:
-    recorded = json.load(f)
+  recorded = json.loads(path.read_text())
   before = flatten(recorded["config"])
   now = flatten(json.loads(config.to_json()))
   device_count = jax.device_count() if device_count is None else device_count
@@ -270,12 +293,9 @@ def _remote(path: str) -> bool:
 
 def record_run_config(config, workdir: str, device_count: int = None):
   """Writes the config (and device count) a workdir's run started with, for `check_resume`."""
-  if _remote(workdir):
-    return
   device_count = jax.device_count() if device_count is None else device_count
-  with open(os.path.join(workdir, RUN_CONFIG_FILE), "w") as f:
-    json.dump({"config": json.loads(config.to_json()), "device_count": device_count}, f,
-              indent=1)
+  record = {"config": json.loads(config.to_json()), "device_count": device_count}
+  (epath.Path(workdir) / RUN_CONFIG_FILE).write_text(json.dumps(record, indent=1))
 
 
 def validate(config, workdir: str, device_count: int = None):

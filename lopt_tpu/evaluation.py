@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -329,18 +330,19 @@ def write_report(result: EvalResult, out_dir: str, prefix: str = "eval") -> Dict
   Returns:
     The written paths by kind: {"png": ..., "md": ..., "json": ...}.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  out = epath.Path(out_dir)  # epath: also a gs:// workdir's
+  out.mkdir(parents=True, exist_ok=True)
   paths = {kind: os.path.join(out_dir, f"{prefix}.{kind}") for kind in ("png", "md", "json")}
-  plot_curves(result).savefig(paths["png"], bbox_inches="tight")
-  with open(paths["md"], "w") as f:
-    f.write(markdown_table(result))
+  with epath.Path(paths["png"]).open("wb") as f:
+    plot_curves(result).savefig(f, format="png", bbox_inches="tight")
+  epath.Path(paths["md"]).write_text(markdown_table(result))
   record = {"task_name": result.task_name, "learned_name": result.learned_name,
             "num_steps": result.num_steps, "seeds": list(result.seeds),
             "adam_learning_rates": list(result.adam_learning_rates),
             "best_adam_lr": result.best_adam_lr, "final_fraction": FINAL_FRACTION,
             "summaries": result.summaries}
-  with open(paths["json"], "w") as f:
-    json.dump(_json_safe(record), f, indent=2, allow_nan=False)
+  epath.Path(paths["json"]).write_text(json.dumps(_json_safe(record), indent=2,
+                                                  allow_nan=False))
   return paths
 
 

@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any, Dict, List, Tuple
 
+from etils import epath
 import flax
 import jax
 import numpy as np
@@ -43,11 +44,11 @@ def theta_fingerprint(theta) -> str:
 
 
 def list(directory: str = DIRECTORY) -> List[str]:  # pylint: disable=redefined-builtin
-  """Names of the learned optimizers in `directory` (default: the shipped ones), i.e. those
-  with both a .msgpack and a .json."""
-  if not os.path.isdir(directory):
+  """Names of the learned optimizers in `directory` (default: the shipped ones; any path epath
+  reaches, gs:// too), i.e. those with both a .msgpack and a .json."""
+  if not epath.Path(directory).is_dir():
     return []
-  files = set(os.listdir(directory))
+  files = set(p.name for p in epath.Path(directory).iterdir())
   return sorted(f[:-len(".json")] for f in files
                 if f.endswith(".json") and f[:-len(".json")] + ".msgpack" in files)
 
@@ -59,12 +60,11 @@ def _path(name: str, ext: str, directory: str) -> str:
 def metadata(name: str, directory: str = DIRECTORY) -> Dict[str, Any]:
   """The sidecar of `name`: architecture, training config and provenance, measured figures."""
   path = _path(name, "json", directory)
-  if not os.path.exists(path) or not os.path.exists(_path(name, "msgpack", directory)):
+  if not (epath.Path(path).exists() and epath.Path(_path(name, "msgpack", directory)).exists()):
     where = "shipped" if directory == DIRECTORY else f"in {directory!r}"
     raise UnknownPretrainedError(f"no pretrained learned optimizer {name!r}; {where}: "
                                  f"{', '.join(list(directory)) or 'none'}")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(epath.Path(path).read_text())
 
 
 def build(meta: Dict[str, Any]) -> lopt_base.LearnedOptimizer:
@@ -88,8 +88,7 @@ def load(name: str, directory: str = DIRECTORY) -> Tuple[lopt_base.LearnedOptimi
   # The architecture's own init gives the tree structure, shapes and dtypes to restore into.
   template = learned_opt.init(jax.random.key(0))
   path = _path(name, "msgpack", directory)
-  with open(path, "rb") as f:
-    theta = flax.serialization.from_bytes(template, f.read())
+  theta = flax.serialization.from_bytes(template, epath.Path(path).read_bytes())
   # from_bytes checks the keys only: a theta of another architecture would fail later, inside
   # jit, and a modified file would load silently.
   for (where, want), got in zip(jax.tree_util.tree_leaves_with_path(template),
@@ -112,11 +111,8 @@ def save(name: str, theta: Any, meta: Dict[str, Any], directory: str = DIRECTORY
   ({"name": registry name, "kwargs": {...}}). Returns the two paths."""
   if "learned_optimizer" not in meta:
     raise ValueError("meta needs 'learned_optimizer': {'name': ..., 'kwargs': {...}}")
-  os.makedirs(directory, exist_ok=True)
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
   paths = {"msgpack": _path(name, "msgpack", directory), "json": _path(name, "json", directory)}
-  with open(paths["msgpack"], "wb") as f:
-    f.write(flax.serialization.to_bytes(jax.device_get(theta)))
-  with open(paths["json"], "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=False)
-    f.write("\n")
+  epath.Path(paths["msgpack"]).write_bytes(flax.serialization.to_bytes(jax.device_get(theta)))
+  epath.Path(paths["json"]).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
   return paths

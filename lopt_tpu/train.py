@@ -6,12 +6,12 @@ outer state is checkpointed, so a run killed at any moment and restarted ends bi
 an uninterrupted one.
 """
 
-import os
 import signal
 import time
 from typing import Any, Dict
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
@@ -179,7 +179,8 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
 def _not_evaluated(workdir: str, step: int) -> bool:
   """Whether outer step `step` has no evaluation report yet (as process 0, which writes the
   reports, sees it: every process must make the same choice)."""
-  return distributed.as_process_0_sees(not os.path.exists(eval_run.report_path(workdir, step)))
+  report = epath.Path(eval_run.report_path(workdir, step))
+  return distributed.as_process_0_sees(not report.exists())
 
 
 def _theta(state):
@@ -201,11 +202,15 @@ def load_checkpoint(config, workdir: str):
 
 def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   """The evaluation mode: evaluates the theta of the newest checkpoint in `workdir`."""
-  config_checks.validate(config, workdir)  # incl. that the checkpoint belongs to this config
-  state, step = load_checkpoint(config, workdir)
-  if not step:
+  # Before anything is built, compiled or created (a mistyped workdir is the usual cause).
+  if config_checks.latest_checkpoint_step(workdir) is None:
     raise config_checks.ConfigError(f"--workdir={workdir!r} holds no checkpoint to evaluate; "
                                     "train first (--mode=train)")
+  config_checks.validate(config, workdir)  # incl. that the checkpoint belongs to this config
+  state, step = load_checkpoint(config, workdir)
+  if not step:  # only unfinished checkpoint directories
+    raise config_checks.ConfigError(f"--workdir={workdir!r} holds no finished checkpoint to "
+                                    "evaluate; train first (--mode=train)")
   from clu import metric_writers  # pylint: disable=g-import-not-at-top (see train_and_evaluate)
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=jax.process_index() != 0)

@@ -9,6 +9,7 @@ from lopt_tpu import config_checks
 from lopt_tpu import distributed
 from lopt_tpu import eval_run
 from lopt_tpu import evaluation
+from lopt_tpu import train
 
 
 def test_default_config_passes_the_name_checks():
@@ -66,6 +67,19 @@ def test_resuming_under_a_config_that_changes_the_run_is_refused(tmp_path):
   longer.eval.num_seeds += 1
   longer.outer_optimizer.learning_rate /= 10
   config_checks.check_resume(longer, str(tmp_path))
+  # Shorter than the checkpoint: refused here, before compiling, not after restoring it.
+  shorter = default.get_config()
+  shorter.num_outer_steps = 1
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"config\.num_outer_steps=1 is invalid: .* already holds outer step 2"):
+    config_checks.check_resume(shorter, str(tmp_path))
+
+
+def test_evaluating_a_workdir_without_checkpoints_fails_before_building_or_creating(tmp_path):
+  typo = tmp_path / "typo"
+  with pytest.raises(config_checks.ConfigError, match="holds no checkpoint to evaluate"):
+    train.evaluate_checkpoint(default.get_config(), str(typo))
+  assert not typo.exists()  # it was created (and init compiled) before the error
 
 
 @pytest.mark.parametrize("section,override", [
