@@ -102,6 +102,17 @@ def test_update_keeps_signature_and_traces_once(name):
 
 
 @all_lopts
+def test_params_with_no_entries_are_updated_without_error(name):
+  # Concatenating no tensors, or reshape(0, -1), crashed several learned optimizers.
+  lopt, theta = _lopt_and_theta(name)
+  opt = lopt.opt_fn(theta)
+  for params in ({}, {"empty": jnp.zeros([0, 3])}):
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    state = jax.jit(lambda s, g: opt.update(s, g, loss=jnp.asarray(1.0)))(opt.init(params), grads)
+    assert _signature(opt.get_params(state)) == _signature(params)
+
+
+@all_lopts
 def test_integer_leaves_are_left_as_they_are(name):
   # A float step cast back to int truncates toward zero: tiny steps moved them by one each time.
   lopt, theta = _lopt_and_theta(name)

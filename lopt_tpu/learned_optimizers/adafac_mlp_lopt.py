@@ -73,7 +73,8 @@ def per_param_features(p, g, momenta, rms, factored_v) -> jax.Array:
   input pixel that is never lit, as in the corners of the digits) would have rsqrt(v_k) of
   ~1e9 there, and dividing by the tensor's RMS would then flatten every other row's value to ~0.
   """
-  outer = lambda a, b: (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
+  outer = lambda a, b: (a[:, :, None] * b[:, None, :]).reshape(a.shape[0],
+                                                              a.shape[1] * b.shape[1])
   return jnp.concatenate([
       p[:, None], g[:, None], momenta, jnp.sqrt(rms + EPS),
       outer(momenta, jax.lax.rsqrt(rms + EPS)), jnp.sqrt(factored_v + EPS),
@@ -142,10 +143,11 @@ class _AdafacMLPLOptOptimizer(opt_base.Optimizer):
     momenta = feat.ema(opt_state.momenta, g, jnp.asarray(lopt.momentum_decays, jnp.float32))
     rms = feat.ema(opt_state.rms, jnp.square(g), jnp.asarray(lopt.rms_decays, jnp.float32))
     fac_decays = jnp.asarray(lopt.adafactor_decays, jnp.float32)
-    factored, fac_v = zip(*[
-        update_factored(acc, leaf.astype(jnp.float32), fac_decays)
-        for acc, leaf in zip(opt_state.factored, jax.tree_util.tree_leaves(grads))])
-    fac_v = jnp.concatenate(fac_v, axis=0)  # [P, K]
+    updated = [update_factored(acc, leaf.astype(jnp.float32), fac_decays)
+               for acc, leaf in zip(opt_state.factored, jax.tree_util.tree_leaves(grads))]
+    factored = [acc for acc, _ in updated]
+    fac_v = jnp.concatenate([v for _, v in updated] or [jnp.zeros([0, len(fac_decays)])],
+                            axis=0)  # [P, K]
     per_param = feat.second_moment_normalize(
         per_param_features(p, g, momenta, rms, fac_v), layout)
     time = feat.tanh_time_embedding(opt_state.iteration)

@@ -80,6 +80,8 @@ def _segment_reduce(x: jax.Array, layout: FlatLayout, reduce, axis: int) -> jax.
       out.append(reduce(part, axis=axis))
     else:
       out.append(jnp.zeros(part.shape[:axis] + part.shape[axis + 1:], x.dtype))
+  if not out:  # no tensors at all (an empty params tree)
+    return jnp.zeros(x.shape[:axis] + (0,) + x.shape[axis + 1:], x.dtype)
   return jnp.stack(out, axis=axis)
 
 
@@ -134,6 +136,9 @@ def broadcast_segments(per_tensor: jax.Array, layout: FlatLayout, axis: int = 0)
     row = jax.lax.slice_in_dim(per_tensor, i, i + 1, axis=axis)
     shape = row.shape[:axis] + (n,) + row.shape[axis + 1:]
     parts.append(jnp.broadcast_to(row, shape))
+  if not parts:  # no tensors at all
+    return jnp.zeros(per_tensor.shape[:axis] + (0,) + per_tensor.shape[axis + 1:],
+                     per_tensor.dtype)
   return jnp.concatenate(parts, axis=axis)
 
 
@@ -158,7 +163,7 @@ def second_moment_normalize(x: jax.Array, layout: FlatLayout, eps: float = 1e-5,
       ms = jnp.mean(jnp.square(part), axis=axis, keepdims=True)
       part = part * jax.lax.rsqrt(ms + eps)
     parts.append(part)
-  return jnp.concatenate(parts, axis=axis)
+  return jnp.concatenate(parts, axis=axis) if parts else x
 
 
 def tanh_time_embedding(iteration: jax.Array,

@@ -110,7 +110,8 @@ class _RNNMLPLOptOptimizer(opt_base.Optimizer):
     rms = feat.ema(opt_state.rms, jnp.square(g), jnp.asarray(lopt.rms_decays, jnp.float32))
     adam_like = momenta[:, :, None] * jax.lax.rsqrt(rms + EPS)[:, None, :]
     raw = jnp.concatenate([p[:, None], g[:, None], momenta, jnp.sqrt(rms + EPS),
-                           adam_like.reshape(p.shape[0], -1)], axis=1)
+                           adam_like.reshape(p.shape[0], adam_like.shape[1] * adam_like.shape[2])],
+                          axis=1)
     normed = feat.second_moment_normalize(raw, layout)
     time = feat.tanh_time_embedding(opt_state.iteration)
 
