@@ -144,10 +144,15 @@ queued_resource_id() {
 # Remote command that ends every process holding the TPU: training runs started by run.sh and
 # anything with an accelerator device open (/dev/accel* on v4/v5p, /dev/vfio/* on v5e/v6e), then
 # the libtpu lock file. "Nothing to kill" is success. The `[m]` keeps pkill from matching the
-# shell that runs this very command.
+# shell that runs this very command. main.py gets SIGTERM and up to KILL_GRACE_S seconds
+# (default 300) to finish its step and save a checkpoint before anything is killed: the process
+# holding the TPU is main.py itself, and killing it at once lost every step since the last save.
 kill_command() {
+  local grace="${KILL_GRACE_S:-300}"
+  [[ $grace =~ ^[0-9]+$ ]] || die "KILL_GRACE_S='$grace' is not a whole number of seconds"
   # shellcheck disable=SC2016  # $(hostname) is for the worker's shell.
   printf '%s' 'sudo pkill -f "[m]ain\.py" || true;' \
+    " for _ in \$(seq $grace); do pgrep -f \"[m]ain\\.py\" > /dev/null || break; sleep 1; done;" \
     ' sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | xargs -r sudo kill -9 || true;' \
     ' sleep 1; sudo rm -f /tmp/libtpu_lockfile; echo "$(hostname): TPU free"'
 }

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Ends every process holding the TPU on all workers: runs of main.py, anything with a TPU
-# device open, and the stale libtpu lock file. Safe when there is nothing to kill.
+# Ends every process holding the TPU on all workers: runs of main.py (SIGTERM first: they save
+# a checkpoint and exit, given up to KILL_GRACE_S seconds), anything with a TPU device open,
+# and the stale libtpu lock file. Safe when there is nothing to kill.
 #
 # usage: launch/kill.sh [--dry-run] [--help]
 #
-# env: TPU_NAME, ZONE required; PROJECT optional.
+# env: TPU_NAME, ZONE required; PROJECT optional; KILL_GRACE_S (default 300).
 # --dry-run prints the gcloud commands (`+ gcloud ...`, one a line) without running them.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh

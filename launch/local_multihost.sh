@@ -5,6 +5,7 @@
 # jax.distributed.initialize), DEVICES_PER_PROCESS fake CPU devices, PJRT_NPROC = 2 x those
 # (fewer threads can deadlock XLA's CPU client), a 30 s collective timeout (a stuck peer
 # raises instead of hanging), and no *_proxy variables (they make the coordinator hang).
+# Other XLA_FLAGS of the caller's (e.g. --xla_dump_to=DIR) are passed on.
 # Waits for all; if one fails, ends the others and fails; ends all after TIMEOUT seconds.
 # If the port was taken meanwhile ("Failed to add port"), retries on a new one (3 tries).
 #
@@ -59,9 +60,25 @@ free_port() {
   "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# The caller's XLA_FLAGS (e.g. --xla_dump_to) without the two this script sets itself.
+user_xla_flags() {
+  local flag flags kept=()
+  read -ra flags <<< "${XLA_FLAGS:-}"
+  for flag in "${flags[@]}"; do
+    case $flag in
+      --xla_force_host_platform_device_count=* | --xla_cpu_collective_timeout_seconds=*) ;;
+      *) kept+=("$flag") ;;
+    esac
+  done
+  printf '%s' "${kept[*]}"
+}
+
 # The full command of process $1 on port $2, as `env -u ... VAR=... python main.py ...`.
 process_command() {
-  local i=$1 port=$2 name
+  local i=$1 port=$2 name user
+  local xla_flags="--xla_force_host_platform_device_count=$devices --xla_cpu_collective_timeout_seconds=30"
+  user="$(user_xla_flags)"
+  [[ -z $user ]] || xla_flags="$user $xla_flags"
   cmd=(env)
   while read -r name; do
     if [[ ${name,,} == *_proxy && ${name,,} != no_proxy ]]; then
@@ -70,7 +87,7 @@ process_command() {
   done < <(compgen -e)
   cmd+=("no_proxy=127.0.0.1,localhost" "NO_PROXY=127.0.0.1,localhost"
     JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-    XLA_FLAGS="--xla_force_host_platform_device_count=$devices --xla_cpu_collective_timeout_seconds=30"
+    XLA_FLAGS="$xla_flags"
     PJRT_NPROC=$((2 * devices))
     LOPT_COORDINATOR="127.0.0.1:$port" LOPT_NUM_PROCESSES="$num_processes" LOPT_PROCESS_ID="$i"
     "$python" "$main" "${args[@]}")

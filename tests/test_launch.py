@@ -239,6 +239,35 @@ def test_kill_runs_on_all_workers_and_tolerates_nothing_to_kill():
   assert not re.search(r"[m]ain\.py", remote)
 
 
+def test_kill_lets_main_save_before_killing_what_holds_the_tpu(tmp_path):
+  """The remote command on a fake worker whose sudo, pkill, pgrep and lsof only see a stand-in
+  main.py that saves for 2 s after SIGTERM. It used to be SIGKILLed right after the SIGTERM
+  (lsof lists main.py itself as holding the TPU), so every step since the last save was lost."""
+  bin_dir, pid_file, saved = tmp_path / "bin", tmp_path / "main.pid", tmp_path / "saved"
+  bin_dir.mkdir()
+  alive = f'ps -o stat= -p "$(cat {pid_file})" | grep -qv Z'  # an exited, unreaped child is Z
+  tools = {"sudo": 'exec "$@"',
+           "pkill": f'kill -TERM "$(cat {pid_file})" 2>/dev/null; exit 0',
+           "pgrep": alive,
+           "lsof": f'{alive} && cat {pid_file}; exit 0'}
+  for name, body in tools.items():
+    (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+    (bin_dir / name).chmod(0o755)
+  main = subprocess.Popen(["bash", "-c", f'trap "sleep 2; touch {saved}; exit 0" TERM; '
+                           "while :; do sleep 0.1; done"])
+  pid_file.write_text(str(main.pid))
+  remote = _remote_command(_gcloud(_dry_run("kill.sh"))[0])
+  env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}")
+  try:
+    result = subprocess.run(["bash", "-c", remote], env=env, capture_output=True, text=True,
+                            timeout=60, check=False)
+  finally:
+    main.kill()
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip().endswith("TPU free")
+  assert main.wait(timeout=5) == 0 and saved.exists()  # exited by itself, after saving
+
+
 def test_run_kills_first_then_starts_main_everywhere_with_args_quoted():
   kill, launch = _gcloud(_dry_run("run.sh", "--", *MAIN_ARGS, RUN_NAME="r1"))
   assert kill == _gcloud(_dry_run("kill.sh"))[0]
@@ -360,6 +389,16 @@ def test_local_multihost_devices_per_process():
   assert len(lines) == 3
   assert all("PJRT_NPROC=8" in l and "device_count=4" in l and "127.0.0.1:12345" in l
              for l in lines)
+
+
+def test_local_multihost_passes_the_callers_other_xla_flags_on():
+  # They were dropped; the caller's device count is replaced by DEVICES_PER_PROCESS.
+  result = _run("local_multihost.sh", "--dry-run", "2", "--", "--config=c",
+                env=_env(XLA_FLAGS="--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=8"))
+  for line in result.stdout.splitlines():
+    xla = next(w for w in shlex.split(line[2:]) if w.startswith("XLA_FLAGS="))
+    assert xla == ("XLA_FLAGS=--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=2 "
+                   "--xla_cpu_collective_timeout_seconds=30")
 
 
 def _multihost(tmp_path, modes, **env):
