@@ -8,7 +8,6 @@ newest checkpoint in --workdir.
 """
 
 import logging as std_logging
-import math
 import os
 import sys
 
@@ -36,6 +35,13 @@ class _QuietLibraries:
     return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname
 
 
+def default_cpu_devices(num_tasks: int, cores: int) -> int:
+  """The largest count that divides num_tasks and does not exceed the cores (gcd left cores
+  idle: 6 cores and 4 tasks gave 2 devices, not 4)."""
+  num_tasks = max(int(num_tasks), 1)
+  return max(d for d in range(1, min(num_tasks, cores) + 1) if num_tasks % d == 0)
+
+
 def _one_cpu_device_per_core(config):
   """Gives XLA's CPU backend several devices, so the sharded step keeps every core busy.
 
@@ -48,8 +54,8 @@ def _one_cpu_device_per_core(config):
   flags_now = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" in flags_now:
     return
-  count = config.cpu_devices or math.gcd(max(int(config.estimator.num_tasks), 1),
-                                         os.cpu_count() or 1)
+  count = config.cpu_devices or default_cpu_devices(config.estimator.num_tasks,
+                                                   os.cpu_count() or 1)
   if count > 1:
     os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={count}"
     # One pool thread per core: more threads than cores oversubscribe them (Part 5 on 2 cores:

@@ -27,6 +27,15 @@ class LaunchEnvironmentError(ValueError):
   """The LOPT_* multi-host environment variables are incomplete."""
 
 
+def _bind_address(coordinator: str):
+  """Where process 0's coordinator listens: a loopback coordinator (processes on this machine)
+  on exactly that address; any other on every interface (JAX's default, None). Binding to what
+  a host name resolves to listened on loopback only where /etc/hosts maps the machine's own
+  name to 127.0.x.x (Debian's default): the other machines' processes never got through."""
+  host = coordinator.rsplit(":", 1)[0].strip("[]")
+  return coordinator if host in ("localhost", "::1") or host.startswith("127.") else None
+
+
 def _int_env(name: str) -> int:
   try:
     return int(os.environ[name])
@@ -65,7 +74,7 @@ def maybe_initialize() -> bool:
         num_processes=num_processes,
         process_id=process_id,
         cluster_detection_method="deactivate",
-        coordinator_bind_address=coordinator,
+        coordinator_bind_address=_bind_address(coordinator),
         initialization_timeout=INITIALIZATION_TIMEOUT_S,
         heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
         shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
