@@ -68,17 +68,22 @@ def update_factored(acc: dict, g: jax.Array, decays: jax.Array):
 def per_param_features(p, g, momenta, rms, factored_v) -> jax.Array:
   """The [P, F] per-parameter features before normalization (see `AdafacMLPLOpt`).
 
-  The factored statistics enter as the RMS estimate sqrt(v_k) and the normalized momenta
-  m_i * rsqrt(v_k), not as rsqrt(v_k) alone: a row or column whose gradient is always zero (an
-  input pixel that is never lit, as in the corners of the digits) would have rsqrt(v_k) of
-  ~1e9 there, and dividing by the tensor's RMS would then flatten every other row's value to ~0.
+  The factored statistics enter as the RMS estimate sqrt(v_k) and the bounded normalized
+  momenta m_i / sqrt(v_k + m_i^2), in (-1, 1), never as rsqrt(v_k) or m_i * rsqrt(v_k): dividing
+  by the tensor's RMS would let one huge value flatten every other row's to ~0. rsqrt(v_k) is
+  ~1e9 on a row whose gradient is always zero (a never-lit pixel, as in the digits' corners);
+  m_i * rsqrt(v_k) grows ~4% a step on a row that goes quiet, where m_0.99 decays slower than
+  sqrt(v_0.9). Where m_i^2 << v_k the bounded form is m_i * rsqrt(v_k).
   """
+  num = momenta.shape[1]
   outer = lambda a, b: (a[:, :, None] * b[:, None, :]).reshape(a.shape[0],
                                                               a.shape[1] * b.shape[1])
+  m, v = momenta[:, :, None], factored_v[:, None, :]
+  bounded = (m * jax.lax.rsqrt(v + jnp.square(m) + EPS)).reshape(p.shape[0],
+                                                                 num * factored_v.shape[1])
   return jnp.concatenate([
       p[:, None], g[:, None], momenta, jnp.sqrt(rms + EPS),
-      outer(momenta, jax.lax.rsqrt(rms + EPS)), jnp.sqrt(factored_v + EPS),
-      outer(momenta, jax.lax.rsqrt(factored_v + EPS))], axis=1)
+      outer(momenta, jax.lax.rsqrt(rms + EPS)), jnp.sqrt(factored_v + EPS), bounded], axis=1)
 
 
 class AdafacMLPLOpt(base.LearnedOptimizer):
@@ -87,7 +92,7 @@ class AdafacMLPLOpt(base.LearnedOptimizer):
   Per-parameter features, each divided by its root-mean-square over the tensor: the parameter,
   its gradient, momenta m_i (`momentum_decays`), sqrt of the running mean of g^2 v_j
   (`rms_decays`), m_i * rsqrt(v_j), sqrt of the factored estimates f_k (`adafactor_decays`)
-  and m_i * rsqrt(f_k) (see `per_param_features`); plus the tanh time embedding (shared by all
+  and m_i / sqrt(f_k + m_i^2) (see `per_param_features`); plus the tanh time embedding (shared by all
   parameters). With the defaults that is 2 + 3 + 1 + 3 + 3 + 9 = 21 normalized features and 11
   time features.
 
