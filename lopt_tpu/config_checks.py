@@ -252,16 +252,18 @@ def flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def check_resume(config, workdir: str, device_count: int = None):
+def check_resume(config, workdir: str, device_count: int = None, training: bool = True):
   """Refuses to resume a workdir's checkpoints under a config that changes the run itself (seed,
   tasks, estimator, learned optimizer, ...): restoring would fail on shapes or, worse, silently
   continue a different experiment. Compares with the config the workdir was started with.
 
   A different device count only warns: the run is the same, but its task means are summed in
-  another order, so it is no longer bitwise equal to an uninterrupted run.
+  another order, so it is no longer bitwise equal to an uninterrupted run. With `training`,
+  a `num_outer_steps` below the newest checkpoint is refused too.
   """
   latest = latest_checkpoint_step(workdir)
-  if latest is not None and latest > config.num_outer_steps:
+  # Training only: evaluating a run that was extended past the config's length is fine.
+  if training and latest is not None and latest > config.num_outer_steps:
     _fail("num_outer_steps", config.num_outer_steps,
           f"--workdir={workdir!r} already holds outer step {latest}; raise it, or use a new "
           "workdir")
@@ -298,7 +300,7 @@ def record_run_config(config, workdir: str, device_count: int = None):
   (epath.Path(workdir) / RUN_CONFIG_FILE).write_text(json.dumps(record, indent=1))
 
 
-def validate(config, workdir: str, device_count: int = None):
+def validate(config, workdir: str, device_count: int = None, training: bool = True):
   """Raises ConfigError for the first problem found; returns quietly if the run can start
   (or resume: the workdir's checkpoints must belong to this config, see `check_resume`)."""
   device_count = jax.device_count() if device_count is None else device_count
@@ -307,4 +309,4 @@ def validate(config, workdir: str, device_count: int = None):
   check_buildable(config)
   check_workdir(workdir)
   check_compilation_cache(config.compilation_cache, workdir)
-  check_resume(config, workdir, device_count)
+  check_resume(config, workdir, device_count, training)

@@ -206,7 +206,8 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   if config_checks.latest_checkpoint_step(workdir) is None:
     raise config_checks.ConfigError(f"--workdir={workdir!r} holds no checkpoint to evaluate; "
                                     "train first (--mode=train)")
-  config_checks.validate(config, workdir)  # incl. that the checkpoint belongs to this config
+  # Incl. that the checkpoint belongs to this config (its length may differ: not training).
+  config_checks.validate(config, workdir, training=False)
   state, step = load_checkpoint(config, workdir)
   if not step:  # only unfinished checkpoint directories
     raise config_checks.ConfigError(f"--workdir={workdir!r} holds no finished checkpoint to "

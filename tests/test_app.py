@@ -66,10 +66,12 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_report(tmp_path, comp
   assert report and os.path.getsize(report[0]) > 10_000
   table = open(glob.glob(f"{workdir}/eval/step_*.md")[0]).read()
   assert "learned" in table and "adam@0.1" in table
-  # The evaluation mode re-evaluates the newest checkpoint and rewrites its report.
+  # The evaluation mode re-evaluates the newest checkpoint and rewrites its report, also under
+  # a config shorter than the run (a run extended past its config's length).
   for path in glob.glob(f"{workdir}/eval/*"):
     os.remove(path)
-  result = subprocess.run(_main(workdir, "--mode=eval", cache=compile_cache), env=_env(),
+  result = subprocess.run(_main(workdir, "--mode=eval", "--config.num_outer_steps=4",
+                                cache=compile_cache), env=_env(),
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   # orbax's step-by-step INFO lines (dozens per save or restore) are filtered out.
@@ -204,6 +206,14 @@ def test_unloadable_data_fails_with_one_clear_line(tmp_path):
   assert len(errors) == 1, result.stderr[-2000:]
   assert "config.task_families.mlp=" in errors[0] and "digits8" in errors[0], errors[0]
   assert "Traceback" not in result.stderr
+
+
+def test_main_gives_each_core_a_device_when_the_tasks_divide_evenly():
+  import main  # pylint: disable=g-import-not-at-top
+  # (num_tasks, cores) -> devices: the most that divide num_tasks without exceeding the cores
+  # (gcd gave 2, 2 and 4 for the first three).
+  cases = {(4, 6): 4, (8, 6): 4, (8, 12): 8, (4, 2): 2, (3, 2): 1, (0, 2): 1, (16, 64): 16}
+  assert {k: main.default_cpu_devices(*k) for k in cases} == cases
 
 
 def test_unwritable_workdir_fails_with_one_clear_line(tmp_path):

@@ -73,6 +73,8 @@ def test_resuming_under_a_config_that_changes_the_run_is_refused(tmp_path):
   with pytest.raises(config_checks.ConfigError,
                      match=r"config\.num_outer_steps=1 is invalid: .* already holds outer step 2"):
     config_checks.check_resume(shorter, str(tmp_path))
+  # Evaluating needs no length: a run extended past its config's num_outer_steps is fine.
+  config_checks.check_resume(shorter, str(tmp_path), training=False)
 
 
 def test_evaluating_a_workdir_without_checkpoints_fails_before_building_or_creating(tmp_path):
@@ -167,6 +169,26 @@ def test_a_multihost_launch_without_coordinator_is_refused(monkeypatch, env):
   monkeypatch.setenv("LOPT_NUM_PROCESSES", "1")
   monkeypatch.setenv("LOPT_PROCESS_ID", "0")
   assert distributed.maybe_initialize() is False  # a job of one process needs no coordinator
+
+
+@pytest.mark.parametrize("coordinator,bind", [
+    ("127.0.0.1:4000", "127.0.0.1:4000"), ("localhost:4000", "localhost:4000"),
+    ("[::1]:4000", "[::1]:4000"),
+    # Another machine's processes must reach it: every interface, not what the name resolves
+    # to (loopback on machines whose /etc/hosts maps their own name to 127.0.1.1).
+    ("trainer-0:4000", None), ("10.1.2.3:4000", None)])
+def test_the_coordinator_listens_where_the_other_processes_can_reach_it(monkeypatch,
+                                                                         coordinator, bind):
+  calls = []
+  monkeypatch.setattr(distributed.jax.distributed, "initialize",
+                      lambda **kwargs: calls.append(kwargs))
+  monkeypatch.setattr(distributed.jax.config, "update", lambda *args: None)
+  monkeypatch.setenv("LOPT_COORDINATOR", coordinator)
+  monkeypatch.setenv("LOPT_NUM_PROCESSES", "2")
+  monkeypatch.setenv("LOPT_PROCESS_ID", "0")
+  assert distributed.maybe_initialize() is True
+  assert calls[0]["coordinator_address"] == coordinator
+  assert calls[0]["coordinator_bind_address"] == bind
 
 
 def test_an_unwritable_compilation_cache_names_the_field(tmp_path):

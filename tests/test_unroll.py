@@ -159,21 +159,24 @@ def test_an_estimator_with_nothing_valid_does_not_pull_the_meta_loss_down():
   assert float(none.mean_loss) == 0.0
 
 
-def test_a_huge_meta_gradient_entry_does_not_freeze_adam_for_good():
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_a_huge_meta_gradient_entry_keeps_adam_finite_and_a_clip_keeps_it_moving(clip):
   # Without a clip, Adam's second moment of an entry above ~1.8e19 was inf from then on, and
-  # that entry of theta never moved again.
-  learner = gradient_learner.GradientLearner(_FourZeros(), optax.adam(1e-3))
+  # every later update of that entry exactly 0. Bounded, it stays finite (and decays); with
+  # meta_grad_clip the entry follows the next gradients at once.
+  learner = gradient_learner.GradientLearner(_FourZeros(), optax.adam(1e-3), meta_grad_clip=clip)
   update = jax.jit(learner.update)
   state = learner.init(jax.random.key(0))
-  for first in (1e20, -1.0, -1.0):
+  for first in (1e20,) + (-1.0,) * 20:
     grads = gradient_learner.AggregatedGradient(
         theta_grads=jnp.asarray([first, 1., 1., 1.], jnp.float32), losses=jnp.zeros([1]),
         loss_weights=jnp.ones([1]), metrics={}, metric_weights={})
     before = state.theta["w"]
     state, metrics = update(state, [grads])
-  assert float(metrics["theta_grad_norm"]) > 0
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.theta_opt_state))
-  assert abs(float(state.theta["w"][0] - before[0])) > 1e-4  # it still moves (was exactly 0)
+  assert np.all(np.isfinite(state.theta["w"]))
+  if clip:  # g = -1 now: theta[0] goes up, at Adam's full rate
+    assert float(state.theta["w"][0] - before[0]) > 5e-4
 
 
 def _chunked(tasks_per_chunk, num_tasks=8):

@@ -171,7 +171,9 @@ def per_task_backprop(per_task_loss_fn, theta, num_tasks: int):
 # and the estimate itself. The means over tasks, estimators, devices and hosts then cannot
 # overflow (they add before they divide: two finite 2e38 parts made inf, and a clipped theta
 # NaN for good), and Adam's second moment, g^2 in float32, stays finite (one entry above ~1.8e19
-# made it inf and froze that entry of theta). No useful meta-gradient entry comes near it.
+# made it inf, and every later update of that entry exactly 0). No useful meta-gradient entry
+# comes near it. It does not make Adam recover quickly from such a spike (its second moment
+# decays by b2 = 0.999 per step): `meta_grad_clip` does that.
 MAX_GRAD_ENTRY = 1e18
 
 
