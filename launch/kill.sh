@@ -15,4 +15,5 @@ parse_args "$@"
 ((${#POSITIONAL[@]} == 0 && ${#PASSTHROUGH[@]} == 0)) || die "no arguments expected (see --help)"
 need_tpu
 
-tpu_ssh all "$(kill_command)"
+kill_cmd="$(kill_command)"  # its own line: under set -e a failing substitution then stops here
+tpu_ssh all "$kill_cmd"

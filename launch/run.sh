@@ -23,7 +23,8 @@ RUN_NAME="${RUN_NAME:-$(date +%Y%m%d-%H%M%S)}"
 check_remote_path RUN_NAME "$RUN_NAME"
 
 # Separate ssh calls: the launch command itself contains "main.py", which the kill would match.
-tpu_ssh all "$(kill_command)"
+kill_cmd="$(kill_command)"  # its own line: under set -e a failing substitution then stops here
+tpu_ssh all "$kill_cmd"
 
 log_name="$RUN_NAME-\$(hostname).log"
 launch="mkdir -p $LOGS_DIR && cd $REPO_DIR"

@@ -268,6 +268,16 @@ def test_kill_lets_main_save_before_killing_what_holds_the_tpu(tmp_path):
   assert main.wait(timeout=5) == 0 and saved.exists()  # exited by itself, after saving
 
 
+@pytest.mark.parametrize("script", ["kill.sh", "run.sh"])
+def test_a_bad_kill_grace_stops_before_any_gcloud_call(script):
+  # die inside $(kill_command) only ended the substitution: gcloud ran an empty command on
+  # every worker, and run.sh started main.py without having stopped the old run.
+  args = ["--", "--config=x"] if script == "run.sh" else []
+  result = _run(script, "--dry-run", *args, env=_env(KILL_GRACE_S="5m", RUN_NAME="r1"))
+  assert result.returncode != 0 and "KILL_GRACE_S='5m'" in result.stderr
+  assert "gcloud" not in result.stdout + result.stderr.replace("KILL_GRACE_S", "")
+
+
 def test_run_kills_first_then_starts_main_everywhere_with_args_quoted():
   kill, launch = _gcloud(_dry_run("run.sh", "--", *MAIN_ARGS, RUN_NAME="r1"))
   assert kill == _gcloud(_dry_run("kill.sh"))[0]
