@@ -14,5 +14,9 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.task_families.mlp.name = "fmnist8_mlp"  # Fashion-MNIST 8x8, 32-unit ReLU MLP
+  # Present so that the command line can change them (an override cannot add a key): e.g.
+  # --config.task_families.mlp.kwargs.download=False fails at once offline.
+  config.task_families.mlp.kwargs.download = True  # let TFDS download and prepare the data
   config.eval.task = "fmnist8_mlp"
+  config.eval.task_kwargs.download = True
   return config
