@@ -69,14 +69,19 @@ def _offsets(layout: FlatLayout) -> np.ndarray:
   return np.cumsum((0,) + layout.sizes)
 
 
+def _tensor_slices(x: jax.Array, layout: FlatLayout, axis: int):
+  """Each tensor's static slice of `x` along `axis` (the flat-params axis, non-negative)."""
+  offs = _offsets(layout)
+  for a, b in zip(offs[:-1], offs[1:]):
+    yield jax.lax.slice_in_dim(x, int(a), int(b), axis=axis)
+
+
 def _segment_reduce(x: jax.Array, layout: FlatLayout, reduce, axis: int) -> jax.Array:
   """`reduce(part, axis=axis)` of each tensor's static slice of `x`; 0 for an empty tensor."""
   axis = axis % x.ndim
-  offs = _offsets(layout)
   out = []
-  for a, b in zip(offs[:-1], offs[1:]):
-    part = jax.lax.slice_in_dim(x, int(a), int(b), axis=axis)
-    if b > a:
+  for part in _tensor_slices(x, layout, axis):
+    if part.shape[axis]:
       out.append(reduce(part, axis=axis))
     else:
       out.append(jnp.zeros(part.shape[:axis] + part.shape[axis + 1:], x.dtype))
@@ -155,11 +160,9 @@ def second_moment_normalize(x: jax.Array, layout: FlatLayout, eps: float = 1e-5,
   `axis` is the flat-params axis: 0 for [P, F] (param-major), -1 for [F, P] (feature-major).
   """
   axis = axis % x.ndim
-  offs = _offsets(layout)
   parts = []
-  for a, b in zip(offs[:-1], offs[1:]):
-    part = jax.lax.slice_in_dim(x, int(a), int(b), axis=axis)
-    if b > a:
+  for part in _tensor_slices(x, layout, axis):
+    if part.shape[axis]:
       ms = jnp.mean(jnp.square(part), axis=axis, keepdims=True)
       part = part * jax.lax.rsqrt(ms + eps)
     parts.append(part)
