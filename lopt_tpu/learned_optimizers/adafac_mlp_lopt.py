@@ -75,15 +75,15 @@ def per_param_features(p, g, momenta, rms, factored_v) -> jax.Array:
   m_i * rsqrt(v_k) grows ~4% a step on a row that goes quiet, where m_0.99 decays slower than
   sqrt(v_0.9). Where m_i^2 << v_k the bounded form is m_i * rsqrt(v_k).
   """
-  num = momenta.shape[1]
-  outer = lambda a, b: (a[:, :, None] * b[:, None, :]).reshape(a.shape[0],
-                                                              a.shape[1] * b.shape[1])
-  m, v = momenta[:, :, None], factored_v[:, None, :]
-  bounded = (m * jax.lax.rsqrt(v + jnp.square(m) + EPS)).reshape(p.shape[0],
-                                                                 num * factored_v.shape[1])
+  def pairs(a, b, fn):  # [P, A], [P, B] -> [P, A * B]: fn of every column pair
+    return fn(a[:, :, None], b[:, None, :]).reshape(a.shape[0], a.shape[1] * b.shape[1])
+
   return jnp.concatenate([
       p[:, None], g[:, None], momenta, jnp.sqrt(rms + EPS),
-      outer(momenta, jax.lax.rsqrt(rms + EPS)), jnp.sqrt(factored_v + EPS), bounded], axis=1)
+      pairs(momenta, rms, lambda m, v: m * jax.lax.rsqrt(v + EPS)),
+      jnp.sqrt(factored_v + EPS),
+      pairs(momenta, factored_v, lambda m, v: m * jax.lax.rsqrt(v + jnp.square(m) + EPS))],
+      axis=1)
 
 
 class AdafacMLPLOpt(base.LearnedOptimizer):
