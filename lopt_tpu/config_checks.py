@@ -6,8 +6,6 @@ accepted, so a user's mistake ends the run with one clear line instead of a trac
 
 import json
 import math
-import os
-import tempfile
 import uuid
 
 from absl import logging
@@ -179,16 +177,10 @@ def _check_inner_step(learned_opt, family):
 
 
 def _make_writable_dir(directory: str):
-  """Creates `directory` if needed and writes a file in it; raises OSError if it cannot."""
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=directory):
-    pass
-
-
-def _make_writable_workdir(workdir: str):
-  """`_make_writable_dir` through epath, which also reaches gs:// buckets (where `os` would
-  have made a local ./gs:/ directory)."""
-  path = epath.Path(workdir)
+  """Creates `directory` if needed and writes a file in it; raises (OSError where local) if it
+  cannot. Through epath, which also reaches gs:// buckets (where `os` would have made a local
+  ./gs:/ directory)."""
+  path = epath.Path(directory)
   path.mkdir(parents=True, exist_ok=True)
   probe = path / f".write_probe_{uuid.uuid4().hex}"  # unique across the hosts of a pod
   probe.write_text("")
@@ -199,7 +191,7 @@ def check_workdir(workdir: str):
   if not workdir:
     _fail("workdir", workdir, "pass --workdir=DIR, a writable directory")
   try:
-    _make_writable_workdir(workdir)
+    _make_writable_dir(workdir)
   except Exception as e:  # pylint: disable=broad-except: remote filesystems raise their own
     raise ConfigError(f"--workdir={workdir!r} is not writable: {_one_line(e)}") from None
 

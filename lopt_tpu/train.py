@@ -76,12 +76,8 @@ def train_and_evaluate(config, workdir: str) -> Any:
   # The outer step compiles (seconds) while the state is built or restored and TensorFlow loads.
   exp.learner.start_compiling_update(train_key)
   ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints", keep=config.keep_checkpoints)
+  # (validate refused a num_outer_steps below the newest checkpoint: start cannot exceed it)
   state, start = ckpt.restore_latest(init_state(exp, config.seed))
-  if start > config.num_outer_steps:
-    ckpt.close()
-    raise config_checks.ConfigError(
-        f"config.num_outer_steps={config.num_outer_steps} is invalid: --workdir={workdir!r} "
-        f"already holds outer step {start}; raise it, or use a new workdir")
   # clu's writers load TensorFlow (~3 s here): imported only once the config, the data, the
   # workdir and the checkpoint have passed, so that those errors are reported without the wait.
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
