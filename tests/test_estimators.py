@@ -250,6 +250,17 @@ def test_per_task_meta_loss_is_nan_when_nothing_is_valid():
   np.testing.assert_allclose([avg[2], last[0]], [3.0, 4.0])
 
 
+def test_masked_mean_of_huge_finite_losses_is_finite():
+  # Before: the sum of 50 losses of 1e37 overflowed float32 to inf before the division, so a
+  # task whose losses were large but finite counted as diverged.
+  loss = jnp.full((50, 3), 1e37, jnp.float32).at[:, 2].set(2.0)
+  valid = jnp.ones((50, 3), bool).at[10:, 1].set(False)
+  avg = base.per_task_meta_loss(loss, valid, "average")
+  np.testing.assert_allclose(avg, [1e37, 1e37, 2.0], rtol=1e-5)
+  np.testing.assert_allclose(base.masked_mean(loss[:, :2], valid[:, :2]), 1e37, rtol=1e-5)
+  assert float(base.masked_mean(loss, jnp.zeros_like(valid))) == 0.0
+
+
 @pytest.mark.parametrize("make,some_dropped", [
     (lambda u: full.FullGrad(u, 20), True),
     (lambda u: truncated.TruncatedGrad(u, 10), False),

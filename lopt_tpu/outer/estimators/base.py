@@ -130,9 +130,11 @@ def es_task_mean(terms):
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+  """Mean of `x` where `mask` is set, 0 where nothing is; divides before adding, so that large
+  finite values (losses near float32's max) average to a finite mean instead of inf."""
   mask = mask.astype(x.dtype)
-  return jnp.sum(jnp.where(mask > 0, x, 0.0), axis=axis) / jnp.maximum(
-      jnp.sum(mask, axis=axis), 1.0)
+  count = jnp.maximum(jnp.sum(mask, axis=axis, keepdims=True), 1.0)
+  return jnp.sum(jnp.where(mask > 0, x / count, 0.0), axis=axis)
 
 
 def per_task_meta_loss(meta_loss: jax.Array, valid: jax.Array, loss_type: str) -> jax.Array:
