@@ -203,3 +203,26 @@ def test_bfloat16_params_take_exactly_the_inner_optimizers_steps(name):
     assert tx_params["w"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(tx_params["w"], np.float32),
                                   np.asarray(opt.get_params(state)["w"], np.float32))
+
+
+@pytest.mark.parametrize("name", ["mlp_lopt", "per_param_mlp", "hparam_controller", "nn_adam",
+                                  "adafac_mlp_lopt", "rnn_mlp_lopt", "hypergrad_adam"])
+def test_complex_params_are_refused_with_the_fix(name):
+  # Before: the flat real features dropped the imaginary part of params and gradients, so it
+  # was never trained, with no error.
+  lopt = registry.get("learned optimizer", name)()
+  tx = optax_export.as_optax(lopt, lopt.init(jax.random.key(0)))
+  params = {"w": jnp.ones([3]), "z": jnp.asarray([1 + 1j, 2 - 1j], jnp.complex64)}
+  with pytest.raises(ValueError, match=r"\['z'\].*split_real_and_imaginary"):
+    tx.init(params)
+
+
+def test_complex_params_train_as_real_pairs_with_the_documented_wrapper():
+  lopt = registry.get("learned optimizer", "nn_adam")()
+  tx = optax.contrib.split_real_and_imaginary(
+      optax_export.as_optax(lopt, lopt.init(jax.random.key(0))))
+  params = {"z": jnp.asarray([1 + 1j, 2 - 1j], jnp.complex64)}
+  grads = {"z": jnp.asarray([0.5j, -0.5j], jnp.complex64)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert np.all(np.imag(np.asarray(updates["z"])) * np.array([1, -1]) < 0)
+  np.testing.assert_array_equal(np.real(np.asarray(updates["z"])), 0.0)

@@ -30,13 +30,26 @@ class FlatLayout(NamedTuple):
 
 
 def layout_of(tree) -> FlatLayout:
+  """The static layout of `tree`. Like `flatten`, refuses complex leaves, whose imaginary part
+  the real-valued features and steps would silently drop (so it would never be trained)."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   shapes = tuple(tuple(jnp.shape(x)) for x in leaves)
   sizes = tuple(int(np.prod(s)) for s in shapes)
+  _refuse_complex(tree)
   return FlatLayout(treedef, shapes, tuple(jnp.result_type(x) for x in leaves), sizes)
 
 
+def _refuse_complex(tree):
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating):
+      raise ValueError(
+          f"parameter {jax.tree_util.keystr(path)} is {jnp.result_type(x)}: learned optimizers "
+          "work on real parameters; train complex ones as real pairs, e.g. wrap the optimizer "
+          "in optax.contrib.split_real_and_imaginary")
+
+
 def flatten(tree, dtype=jnp.float32) -> jax.Array:
+  _refuse_complex(tree)
   leaves = jax.tree_util.tree_leaves(tree)
   if not leaves:
     return jnp.zeros([0], dtype)
