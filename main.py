@@ -42,6 +42,18 @@ def default_cpu_devices(num_tasks: int, cores: int) -> int:
   return max(d for d in range(1, min(num_tasks, cores) + 1) if num_tasks % d == 0)
 
 
+def _check_cpu_devices(cpu_devices, num_tasks):
+  """Refuses a device count that cannot shard the tasks before JAX starts: JAX would first
+  create that many devices (100,000 of them took minutes) only for the config checks to
+  refuse it. (`config_checks.check_sizes` checks the same once JAX runs.)"""
+  if cpu_devices < 0 or (cpu_devices and isinstance(num_tasks, int) and num_tasks > 0
+                         and num_tasks % cpu_devices):
+    print(f"error: config.cpu_devices={cpu_devices!r} is invalid: must be 0 (one per core, "
+          f"dividing estimator.num_tasks) or divide estimator.num_tasks ({num_tasks})",
+          file=sys.stderr)
+    sys.exit(2)
+
+
 def _one_cpu_device_per_core(config):
   """Gives XLA's CPU backend several devices, so the sharded step keeps every core busy.
 
@@ -54,6 +66,7 @@ def _one_cpu_device_per_core(config):
   flags_now = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" in flags_now:
     return
+  _check_cpu_devices(config.cpu_devices, config.estimator.num_tasks)
   count = config.cpu_devices or default_cpu_devices(config.estimator.num_tasks,
                                                    os.cpu_count() or 1)
   if count > 1:

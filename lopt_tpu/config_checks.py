@@ -25,6 +25,9 @@ class ConfigError(ValueError):
   """A config field has a value the run cannot use."""
 
 
+MAX_INT32 = 2**31 - 1
+
+
 def _fail(field: str, value, accepted: str):
   raise ConfigError(f"config.{field}={value!r} is invalid: {accepted}")
 
@@ -35,6 +38,8 @@ def _positive_int(config, field: str):
     value = value[part]
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
     _fail(field, value, "must be a positive integer")
+  if value > MAX_INT32:
+    _fail(field, value, f"must be <= {MAX_INT32} (steps and tasks are counted in int32)")
 
 
 def _positive_finite(field: str, value):
@@ -98,9 +103,10 @@ def check_sizes(config, device_count: int):
           f"must be <= {eval_run.SEEDS_PER_RUN} (the next run seed's evaluation seeds follow)")
   _positive_finite("estimator.std", est.std)
   _zero_or_positive_finite("estimator.sign_delta_loss_scalar", est.sign_delta_loss_scalar)
-  if est.random_initial_iteration_offset < 0:
+  if not 0 <= est.random_initial_iteration_offset <= MAX_INT32 - est.max_length:
     _fail("estimator.random_initial_iteration_offset", est.random_initial_iteration_offset,
-          "must be >= 0")
+          f"must be in [0, {MAX_INT32 - est.max_length}] (>= 0, and an inner run's iteration, "
+          "offset + estimator.max_length, must fit in int32)")
   if config.cpu_devices == device_count and est.num_tasks % device_count:  # set by cpu_devices
     _fail("cpu_devices", config.cpu_devices,
           f"must divide estimator.num_tasks ({est.num_tasks}) (0: one per core, dividing it)")
@@ -125,9 +131,10 @@ def check_buildable(config):
   learned optimizer's init and one inner step abstractly (shapes only), so bad constructor
   arguments and unloadable data fail here, before any compilation."""
   kwargs = config.learned_optimizer.kwargs.to_dict()
-  nan = [k for k, v in kwargs.items() if isinstance(v, float) and math.isnan(v)]
-  if nan:
-    _fail(f"learned_optimizer.kwargs.{nan[0]}", kwargs[nan[0]], "must be a number, not NaN")
+  _finite_numbers("learned_optimizer.kwargs", kwargs)
+  for label, fam in config.task_families.items():
+    _finite_numbers(f"task_families.{label}.kwargs", fam.get("kwargs", {}))
+  _finite_numbers("eval.task_kwargs", config.eval.task_kwargs)
   try:
     learned_opt = experiment.build_learned_optimizer(config)
   except (TypeError, ValueError) as e:
@@ -151,6 +158,19 @@ def check_buildable(config):
   except (OSError, RuntimeError, ValueError, TypeError) as e:
     _fail("eval.task_kwargs", config.eval.task_kwargs.to_dict(),
           f"cannot build {config.eval.task}: {_one_line(e)}")
+
+
+def _finite_numbers(field: str, value):
+  """Refuses NaN and inf anywhere in free-form kwargs: a non-finite learning rate, step
+  multiplier or noise level makes every inner run diverge, and the run would learn nothing."""
+  if hasattr(value, "items"):
+    for k, v in value.items():
+      _finite_numbers(f"{field}.{k}", v)
+  elif isinstance(value, (list, tuple)):
+    for i, v in enumerate(value):
+      _finite_numbers(f"{field}[{i}]", v)
+  elif isinstance(value, float) and not math.isfinite(value):
+    _fail(field, value, "must be a finite number")
 
 
 def _check_trainable(family):

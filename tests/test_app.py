@@ -140,6 +140,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, compile_cache):
     ("--config.estimator.trunc_length=400", "estimator.trunc_length"),
     ("--config.estimator.num_tasks=3", "estimator.num_tasks"),
     ("--config.outer_optimizer.learning_rate=-1.0", "outer_optimizer.learning_rate"),
+    # Checked before JAX starts: JAX first created the 100,000 devices (minutes, then refused).
+    ("--config.cpu_devices=100000", "cpu_devices"),
 ])
 def test_bad_config_fails_with_one_clear_line(tmp_path, override, field):
   env = _env()

@@ -101,14 +101,19 @@ def test_task_sizes_are_checked_by_building_one_task(section, override):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"hidden_size": -4}, "mlp_lopt cannot init or step: "),  # was a traceback inside jit
-    ({"step_mult": float("nan")}, "must be a number, not NaN"),  # was a run that learns nothing
+    ({"hidden_size": -4}, "cannot build mlp_lopt: mlp_lopt: hidden_size=-4 must be an integer "
+                          ">= 1"),  # was a traceback inside jit
+    ({"step_mult": float("nan")}, "must be a finite number"),  # was a run that learns nothing
+    ({"step_mult": float("inf")}, "must be a finite number"),  # every inner run diverged
+    ({"hidden_size": 0}, "cannot build mlp_lopt: mlp_lopt: hidden_size=0 must be an integer "
+                         ">= 1"),  # was a ZeroDivisionError traceback
 ])
 def test_learned_optimizer_kwargs_are_checked_by_one_abstract_step(kwargs, message):
   config = default.get_config()
   config.learned_optimizer.kwargs = kwargs
   with pytest.raises(config_checks.ConfigError,
-                     match=r"config\.learned_optimizer\.kwargs.* is invalid: " + re.escape(message)):
+                     match=r"config\.learned_optimizer\.kwargs.* is invalid: "
+                     + re.escape(message)):
     config_checks.check_buildable(config)
 
 
@@ -199,3 +204,65 @@ def test_an_unwritable_compilation_cache_names_the_field(tmp_path):
     config_checks.check_compilation_cache(str(blocker / "cache"), str(tmp_path))
   config_checks.check_compilation_cache("workdir", str(tmp_path))  # <workdir>/compilation_cache
   config_checks.check_compilation_cache("gs://bucket/cache", str(tmp_path))  # left to JAX
+
+
+@pytest.mark.parametrize("section,kwargs,where", [
+    ("task_families.quadratic.kwargs", {"dim": 10, "noise": float("nan")}, "noise"),
+    ("learned_optimizer.kwargs", {"hidden_sizes": (32, float("inf"))}, "hidden_sizes[1]"),
+    ("eval.task_kwargs", {"dim": 4, "noise": float("-inf")}, "noise"),
+])
+def test_non_finite_kwargs_anywhere_name_the_entry(section, kwargs, where):
+  # A NaN noise level once made the quadratic family diverge at every step while its metrics
+  # read a perfect 0 loss (diverged runs are left out); the run exited 0 having learned nothing.
+  config = default.get_config()
+  if section.startswith("eval"):
+    config.eval.task = "quadratic_family"
+    config.eval.task_kwargs = kwargs
+  elif section.startswith("task"):
+    config.task_families.quadratic.kwargs = kwargs
+  else:
+    config.learned_optimizer.kwargs = kwargs
+  with pytest.raises(config_checks.ConfigError,
+                     match=re.escape(f"config.{section}.{where}=") + ".* must be a finite number"):
+    config_checks.check_buildable(config)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("estimator.max_length", 3_000_000_000),  # was an OverflowError traceback in the first step
+    ("eval.num_steps", 2**31),  # was an OverflowError after all of training, at the evaluation
+    ("estimator.random_initial_iteration_offset", 2**31 - 100),  # offset + max_length overflows
+])
+def test_counts_beyond_int32_are_refused_before_building(field, value):
+  config = default.get_config()
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(config_checks.ConfigError, match=re.escape(f"config.{field}={value}") +
+                     r" is invalid: must be .*int32"):
+    config_checks.check_sizes(config, 1)
+  est = config.estimator
+  config[section][name] = {"max_length": 2**31 - 1 - est.random_initial_iteration_offset,
+                           "num_steps": 2**31 - 1,
+                           "random_initial_iteration_offset": 2**31 - 1 - est.max_length}[name]
+  config_checks.check_sizes(config, 1)
+
+
+@pytest.mark.parametrize("name,kwargs,message", [
+    # Once a run that exited 0 with an optimizer climbing the loss (inner loss 32 -> 1515).
+    ("hypergrad_adam", {"learning_rate": -0.02},
+     "learning_rate=-0.02 must be a finite number > 0"),
+    ("hypergrad_adam", {"log_lr_min": 5.0}, "log_lr_min=5.0 must be <= log_lr_max (1.5)"),
+    ("hypergrad_adam", {"hidden_sizes": (32, 0)}, "hidden_sizes[1]=0 must be an integer >= 1"),
+    ("nn_adam", {"b2": 1.0}, "b2=1.0 must be in [0, 1)"),
+    ("rnn_mlp_lopt", {"rms_decays": (0.5, 1.5)}, "rms_decays=(0.5, 1.5) must be in [0, 1)"),
+    ("meta_sgd_wd", {"initial_wd": 0.0}, "initial_wd=0.0 must be a finite number > 0"),
+    ("hparam_controller", {"base_lr": 0.0}, "base_lr=0.0 must be a finite number > 0"),
+    ("per_param_mlp", {"step_mult": -1e-2}, "step_mult=-0.01 must be a finite number > 0"),
+    ("adafac_mlp_lopt", {"hidden_layers": -1}, "hidden_layers=-1 must be an integer >= 0"),
+])
+def test_learned_optimizer_arguments_out_of_range_name_the_argument(name, kwargs, message):
+  config = default.get_config()
+  config.learned_optimizer.name = name
+  config.learned_optimizer.kwargs = kwargs
+  with pytest.raises(config_checks.ConfigError,
+                     match=re.escape(f"cannot build {name}: {name}: {message}")):
+    config_checks.check_buildable(config)

@@ -73,6 +73,9 @@ class HParamController(base.LearnedOptimizer):
 
   def __init__(self, hidden_size: int = 32, base_lr: float = 1e-3, momentum: float = 0.9,
                loss_ema_decay: float = 0.9, log_lr_bound: float = 10.):
+    base.check_args(self.name, widths={"hidden_size": hidden_size},
+                    positive={"base_lr": base_lr, "log_lr_bound": log_lr_bound},
+                    decays={"momentum": momentum, "loss_ema_decay": loss_ema_decay})
     self.hidden_size = hidden_size
     self.base_lr = base_lr
     self.momentum = momentum

@@ -106,6 +106,14 @@ class HypergradAdam(base.LearnedOptimizer):
                drift_scale: float = 0., dynamic_features: bool = False,
                control_bound: float = 1., hidden_sizes=(32,),
                absolute_signal_offsets: bool = False):
+    base.check_args(self.name, widths={f"hidden_sizes[{i}]": h for i, h in enumerate(hidden_sizes)},
+                    positive={"learning_rate": learning_rate, "eps": eps,
+                              "control_bound": control_bound},
+                    non_negative={"hyper_lr": hyper_lr, "drift_scale": drift_scale},
+                    decays={"b1": b1, "b2": b2})
+    if not log_lr_min <= log_lr_max:
+      raise ValueError(f"{self.name}: log_lr_min={log_lr_min!r} must be <= log_lr_max "
+                       f"({log_lr_max!r})")
     self.learning_rate = learning_rate
     self.b1 = b1
     self.b2 = b2

@@ -21,6 +21,8 @@ class MetaSGDWD(base.LearnedOptimizer):
   name = "meta_sgd_wd"
 
   def __init__(self, initial_lr: float = 1e-3, initial_wd: float = 1e-4):
+    # Both are stored as logs in theta: 0 would be -inf.
+    base.check_args(self.name, positive={"initial_lr": initial_lr, "initial_wd": initial_wd})
     self.initial_lr = initial_lr
     self.initial_wd = initial_wd
 

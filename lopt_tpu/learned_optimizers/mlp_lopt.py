@@ -33,6 +33,9 @@ class MLPLOpt(base.LearnedOptimizer):
 
   def __init__(self, hidden_size: int = 32, hidden_layers: int = 2, step_mult: float = 1e-3,
                exp_mult: float = 1e-3, decays=DECAYS):
+    base.check_args(self.name, widths={"hidden_size": hidden_size},
+                    counts={"hidden_layers": hidden_layers}, positive={"step_mult": step_mult},
+                    non_negative={"exp_mult": exp_mult}, decays={"decays": decays})
     self.step_mult = step_mult
     self.exp_mult = exp_mult
     self.decays = tuple(decays)

@@ -59,6 +59,10 @@ class NNAdam(base.LearnedOptimizer):
   def __init__(self, learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
                eps: float = 1e-8, hidden_size: int = 32, output_scale: float = 1.,
                log_bound: float = 10.):
+    base.check_args(self.name, widths={"hidden_size": hidden_size},
+                    positive={"learning_rate": learning_rate, "eps": eps,
+                              "output_scale": output_scale, "log_bound": log_bound},
+                    decays={"b1": b1, "b2": b2})
     self.learning_rate = learning_rate
     self.b1 = b1
     self.b2 = b2

@@ -39,6 +39,9 @@ class PerParamMLP(base.LearnedOptimizer):
 
   def __init__(self, decay: float = 0.9, hidden_size: int = 64, step_mult: float = 1e-2,
                exp_mult: float = 1e-2):
+    base.check_args(self.name, widths={"hidden_size": hidden_size},
+                    positive={"step_mult": step_mult}, non_negative={"exp_mult": exp_mult},
+                    decays={"decay": decay})
     self.decay = decay
     self.step_mult = step_mult
     self.exp_mult = exp_mult

@@ -62,6 +62,12 @@ class RNNMLPLOpt(base.LearnedOptimizer):
   def __init__(self, hidden_size: int = 32, hidden_layers: int = 2, lstm_hidden_size: int = 32,
                context_size: int = 8, step_mult: float = 1e-3, exp_mult: float = 1e-3,
                momentum_decays=MOMENTUM_DECAYS, rms_decays=RMS_DECAYS):
+    base.check_args(self.name, widths={"hidden_size": hidden_size,
+                                       "lstm_hidden_size": lstm_hidden_size,
+                                       "context_size": context_size},
+                    counts={"hidden_layers": hidden_layers}, positive={"step_mult": step_mult},
+                    non_negative={"exp_mult": exp_mult},
+                    decays={"momentum_decays": momentum_decays, "rms_decays": rms_decays})
     self.lstm_hidden_size = lstm_hidden_size
     self.step_mult = step_mult
     self.exp_mult = exp_mult
