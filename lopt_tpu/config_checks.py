@@ -250,7 +250,18 @@ def _one_line(e: Exception) -> str:
 RESUMABLE_CHANGES = ("num_outer_steps", "log_every", "checkpoint_every", "keep_checkpoints",
                      "compilation_cache", "eval", "outer_optimizer.learning_rate",
                      "outer_optimizer.meta_grad_clip", "cpu_devices")
+# Task family kwargs that say where the data lies, not what it is: the README's offline advice
+# (download=False) and a new VM's data_dir must not block a resume.
+DATA_LOCATION_KWARGS = ("download", "data_dir")
 RUN_CONFIG_FILE = "config.json"
+
+
+def _resumable(key: str) -> bool:
+  if any(key == a or key.startswith(a + ".") for a in RESUMABLE_CHANGES):
+    return True
+  parts = key.split(".")
+  return (len(parts) == 4 and parts[0] == "task_families" and parts[2] == "kwargs"
+          and parts[3] in DATA_LOCATION_KWARGS)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -290,9 +301,8 @@ def check_resume(config, workdir: str, device_count: int = None, training: bool 
     logging.warning("Resuming a run started on %d devices on %d: same run, but float sums in "
                     "another order, so not bitwise equal to an uninterrupted one.",
                     recorded["device_count"], device_count)
-  allowed = lambda k: any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)
   changed = sorted(k for k in set(before) | set(now)
-                   if not allowed(k) and before.get(k) != now.get(k))
+                   if not _resumable(k) and before.get(k) != now.get(k))
   if changed:
     shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
     more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""

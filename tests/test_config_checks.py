@@ -67,6 +67,13 @@ def test_resuming_under_a_config_that_changes_the_run_is_refused(tmp_path):
   longer.eval.num_seeds += 1
   longer.outer_optimizer.learning_rate /= 10
   config_checks.check_resume(longer, str(tmp_path))
+  # So may where the data lies (the README's offline advice was refused on resume).
+  moved = default.get_config()
+  moved.task_families.quadratic.kwargs = {"dim": 10, "download": False, "data_dir": "/mnt/tfds"}
+  config_checks.check_resume(moved, str(tmp_path))
+  moved.task_families.quadratic.kwargs.dim = 3
+  with pytest.raises(config_checks.ConfigError, match=r"kwargs\.dim"):
+    config_checks.check_resume(moved, str(tmp_path))
   # Shorter than the checkpoint: refused here, before compiling, not after restoring it.
   shorter = default.get_config()
   shorter.num_outer_steps = 1
