@@ -93,20 +93,22 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   from lopt_tpu import compile_cache  # pylint: disable=g-import-not-at-top
+  # Enabled by train after the config checks (so that a config error creates no directory),
+  # before the first compilation worth caching.
   cache_dir = compile_cache.directory_for(_CONFIG.value.compilation_cache, _WORKDIR.value)
-  if cache_dir:
-    compile_cache.enable(cache_dir)  # before the first compilation
   from lopt_tpu import config_checks  # pylint: disable=g-import-not-at-top
   from lopt_tpu import train  # pylint: disable=g-import-not-at-top
 
   logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s).", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
+  from configs import default as default_config  # pylint: disable=g-import-not-at-top
   try:
+    config_checks.check_known_fields(_CONFIG.value, default_config.get_config())
     if _MODE.value == "train":
-      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, cache_dir=cache_dir)
     else:
-      train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+      train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, cache_dir=cache_dir)
   except config_checks.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

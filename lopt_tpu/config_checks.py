@@ -77,8 +77,34 @@ def check_names(config):
   if not config.task_families:
     _fail("task_families", {}, "name at least one task family")
   for label, fam in config.task_families.items():
+    if not hasattr(fam, "keys") or set(fam.keys()) != {"name", "kwargs"}:
+      _fail(f"task_families.{label}", fam.to_dict() if hasattr(fam, "to_dict") else fam,
+            'must be {"name": <registered task family>, '
+            '"kwargs": {<its constructor arguments>}} ("kwargs": {} for none)')
     _known(f"task_families.{label}.name", fam.name, "task family", registry.TASK_FAMILIES)
   _known("eval.task", config.eval.task, "task family", registry.TASK_FAMILIES)
+
+
+# Subtrees whose keys are free: constructor arguments and the task families' labels.
+FREE_FORM_FIELDS = ("learned_optimizer.kwargs", "task_families", "eval.task_kwargs")
+
+
+def check_known_fields(config, reference):
+  """Refuses fields `reference` (configs/default.py: every key with its default) does not have.
+
+  A config file builds on the default with attribute assignments, so a misspelled field
+  (`config.estimator.trunc_lenght = 1`) was added, saved in config.json and silently ignored.
+  (A command-line override of an unknown field is already refused by ml_collections.)
+  """
+  known = flatten(reference.to_dict())
+  free = lambda k: any(k == f or k.startswith(f + ".") for f in FREE_FORM_FIELDS)
+  for key, value in sorted(flatten(config.to_dict()).items()):
+    if key not in known and not free(key):
+      section = key.rpartition(".")[0]
+      siblings = sorted(k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == section)
+      _fail(key, value, "unknown field (misspelled?); "
+            + (f"{section or 'config'} has: {', '.join(siblings)}" if siblings else
+               "configs/default.py lists every field"))
 
 
 def check_sizes(config, device_count: int):
@@ -176,8 +202,11 @@ def _finite_numbers(field: str, value):
 def _check_trainable(family):
   """Samples a task and initializes it abstractly (shapes only, nothing runs): bad sizes in the
   kwargs (e.g. a negative dimension) fail here, and a task without parameters is refused."""
+  # The key is made inside eval_shape: made outside, it is one eager computation, which
+  # compiles, and that creates the compilation cache's directory before a config error.
   params, _ = jax.eval_shape(
-      lambda key: family.task_fn(family.sample(key)).init_with_state(key), jax.random.key(0))
+      lambda: family.task_fn(family.sample(jax.random.key(0))).init_with_state(
+          jax.random.key(0)))
   if not sum(x.size for x in jax.tree_util.tree_leaves(params)):
     raise ValueError("its tasks have no parameters to train")
 
@@ -193,7 +222,7 @@ def _check_inner_step(learned_opt, family):
     return opt.update(state, grads, loss=jax.numpy.zeros([]), model_state=model_state,
                       key=key)
 
-  jax.eval_shape(step, jax.random.key(0))
+  jax.eval_shape(lambda: step(jax.random.key(0)))  # the key inside: see _check_trainable
 
 
 def _make_writable_dir(directory: str):

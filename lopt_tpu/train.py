@@ -8,7 +8,7 @@ an uninterrupted one.
 
 import signal
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from absl import logging
 from etils import epath
@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from lopt_tpu import checkpointing
+from lopt_tpu import compile_cache
 from lopt_tpu import config_checks
 from lopt_tpu import distributed
 from lopt_tpu import eval_run
@@ -65,12 +66,22 @@ def init_state(exp: experiment.Experiment, seed: int):
   return exp.learner.init(key)
 
 
-def train_and_evaluate(config, workdir: str) -> Any:
+def _enable_cache(cache_dir: Optional[str]):
+  # After the config checks, whose eager shape checks compile tiny programs: JAX creates the
+  # cache's directory at the first compilation once it is enabled, even for a run that the
+  # checks then refuse. Their compiles leave JAX's cache uninitialized, so enabling it now works.
+  if cache_dir:
+    compile_cache.enable(cache_dir)
+
+
+def train_and_evaluate(config, workdir: str, cache_dir: Optional[str] = None) -> Any:
   """Meta-trains as `config` says, resuming from `workdir` if it holds a checkpoint.
 
+  `cache_dir`: a persistent compilation cache to enable once the config is validated.
   Returns the final outer state (theta is `state.gradient_learner_state.theta`).
   """
   config_checks.validate(config, workdir)
+  _enable_cache(cache_dir)
   exp = experiment.build(config)
   train_key = jax.random.fold_in(jax.random.key(config.seed), TRAIN_STREAM)
   # The outer step compiles (seconds) while the state is built or restored and TensorFlow loads.
@@ -196,14 +207,17 @@ def load_checkpoint(config, workdir: str):
     ckpt.close()
 
 
-def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
-  """The evaluation mode: evaluates the theta of the newest checkpoint in `workdir`."""
+def evaluate_checkpoint(config, workdir: str, cache_dir: Optional[str] = None
+                        ) -> Dict[str, Any]:
+  """The evaluation mode: evaluates the theta of the newest checkpoint in `workdir`
+  (`cache_dir` as in `train_and_evaluate`)."""
   # Before anything is built, compiled or created (a mistyped workdir is the usual cause).
   if config_checks.latest_checkpoint_step(workdir) is None:
     raise config_checks.ConfigError(f"--workdir={workdir!r} holds no checkpoint to evaluate; "
                                     "train first (--mode=train)")
   # Incl. that the checkpoint belongs to this config (its length may differ: not training).
   config_checks.validate(config, workdir, training=False)
+  _enable_cache(cache_dir)
   state, step = load_checkpoint(config, workdir)
   if not step:  # only unfinished checkpoint directories
     raise config_checks.ConfigError(f"--workdir={workdir!r} holds no finished checkpoint to "

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import default
 from configs import test as test_config
 from lopt_tpu import train
 
@@ -142,6 +143,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, compile_cache):
     ("--config.outer_optimizer.learning_rate=-1.0", "outer_optimizer.learning_rate"),
     # Checked before JAX starts: JAX first created the 100,000 devices (minutes, then refused).
     ("--config.cpu_devices=100000", "cpu_devices"),
+    # Refused by building a task (eager JAX work): once left <workdir>/compilation_cache behind.
+    ("--config.task_families.quadratic.kwargs.dim=-3", "task_families.quadratic"),
 ])
 def test_bad_config_fails_with_one_clear_line(tmp_path, override, field):
   env = _env()
@@ -160,6 +163,7 @@ def test_bad_config_fails_with_one_clear_line(tmp_path, override, field):
   assert f"config.{field}=" in errors[0], errors[0]
   assert "Traceback" not in result.stderr
   assert marker.read_text() == "x" and sorted(os.listdir(workdir / "checkpoints")) == ["keep_me"]
+  assert sorted(os.listdir(workdir)) == ["checkpoints"]  # nothing created
 
 
 def test_a_config_error_is_reported_before_tensorflow_loads(tmp_path):
@@ -227,3 +231,20 @@ def test_unwritable_workdir_fails_with_one_clear_line(tmp_path):
   errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
   assert len(errors) == 1 and "--workdir=" in errors[0], result.stderr[-2000:]
   assert "Traceback" not in result.stderr
+
+
+def test_a_misspelled_field_in_a_config_file_fails_before_anything_is_created(tmp_path):
+  # Once silently ignored: the run went on without the intended setting (and saved the typo).
+  config_file = tmp_path / "typo.py"
+  config_file.write_text("from configs import test\n\n\ndef get_config():\n"
+                         "  config = test.get_config()\n  config.estimator.trunc_lenght = 1\n"
+                         "  return config\n")
+  workdir = tmp_path / "work"
+  result = subprocess.run(_main(str(workdir), config=str(config_file)), env=_env(),
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  assert errors == ["error: config.estimator.trunc_lenght=1 is invalid: unknown field "
+                    "(misspelled?); estimator has: " + ", ".join(sorted(
+                        default.get_config().estimator.keys()))], result.stderr[-2000:]
+  assert not workdir.exists()

@@ -1,5 +1,7 @@
 """Config validation in-process (the subprocess tests in test_app.py cover main.py's exit)."""
 
+import importlib
+import pathlib
 import re
 
 import pytest
@@ -273,3 +275,44 @@ def test_learned_optimizer_arguments_out_of_range_name_the_argument(name, kwargs
   with pytest.raises(config_checks.ConfigError,
                      match=re.escape(f"cannot build {name}: {name}: {message}")):
     config_checks.check_buildable(config)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (pathlib.Path(__file__).parent.parent /
+                                                         "configs").glob("*.py")
+                                        if p.stem != "__init__"))
+def test_every_shipped_config_has_only_known_fields(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config_checks.check_known_fields(config, default.get_config())
+  config_checks.check_names(config)
+
+
+@pytest.mark.parametrize("field,value,says", [
+    # Both were silently ignored (and saved in config.json) when set in a config file.
+    ("estimator.trunc_lenght", 1, "estimator has: .*trunc_length"),
+    ("eval.num_seed", 1, "eval has: .*num_seeds"),
+    ("sead", 1, "config has: .*seed"),
+])
+def test_a_misspelled_field_in_a_config_file_is_refused(field, value, says):
+  config = default.get_config()
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(config_checks.ConfigError,
+                     match=re.escape(f"config.{field}={value} is invalid: unknown field") + ".*"
+                     + says):
+    config_checks.check_known_fields(config, default.get_config())
+  # Constructor arguments and family labels are free.
+  ok = default.get_config()
+  ok.learned_optimizer.kwargs = {"hidden_size": 8}
+  ok.task_families.extra = {"name": "quadratic_family", "kwargs": {"dim": 3}}
+  config_checks.check_known_fields(ok, default.get_config())
+
+
+@pytest.mark.parametrize("family", [{"name": "quadratic_family"}, "quadratic_family",
+                                    {"name": "quadratic_family", "kwargs": {}, "kwarg": {}}])
+def test_a_task_family_entry_without_name_and_kwargs_is_refused(family):
+  # A family without "kwargs" was an AttributeError traceback.
+  config = default.get_config()
+  config.task_families = {"q": family}
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"config\.task_families\.q=.* is invalid: must be \{\"name\""):
+    config_checks.check_names(config)
