@@ -5,7 +5,7 @@ checkpoint cut off mid-write is never listed, and never loaded.
 """
 
 import os
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from etils import epath
 import jax
@@ -19,7 +19,9 @@ class Checkpointer:
     # A remote path (gs://...) as it is: os.path.abspath made it a local ./gs:/ path.
     self.directory = directory if "://" in directory else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    self.manager = ocp.CheckpointManager(epath.Path(self.directory), options=options)
+    # The handler named, so that reading a step's metadata (`extra`) knows the item's format.
+    self.manager = ocp.CheckpointManager(epath.Path(self.directory), options=options,
+                                         item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -43,8 +45,15 @@ class Checkpointer:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
-  def save(self, step: int, state: Any):
-    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+  def save(self, step: int, state: Any, extra: Optional[Dict[str, Any]] = None):
+    """Saves `state` at `step`, with `extra` (JSON-able, e.g. a partly filled metrics window)
+    in the step's metadata, read back by `extra(step)`."""
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=True,
+                      custom_metadata=extra or {})
+
+  def extra(self, step: int) -> Dict[str, Any]:
+    """What `save` stored as `extra` at `step` ({} for checkpoints saved without it)."""
+    return dict(self.manager.metadata(step).custom_metadata or {})
 
   def close(self):
     """Waits for asynchronous writes; call before exiting."""

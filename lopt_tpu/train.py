@@ -42,6 +42,21 @@ class _StopFlag:
     self.stop = True
 
 
+# A checkpoint's extra entry: the sums of the metrics since the last log step, so that the
+# first point logged after a resume averages the same steps as an uninterrupted run's.
+LOG_WINDOW = "log_window"
+
+
+def _restored_window(ckpt, start: int):
+  """(sums, count, seconds) of the metrics window saved with checkpoint `start` (the sums
+  restored exactly, in their dtypes); an empty window for a fresh start or a checkpoint saved without one."""
+  window = ckpt.extra(start).get(LOG_WINDOW) if start else None
+  if not window or not window.get("count"):
+    return None, 0, 0.0
+  sums = {k: np.asarray(v, window["dtypes"][k]) for k, v in window["sums"].items()}
+  return sums, int(window["count"]), float(window["seconds"])
+
+
 def _accumulate(total, metrics):
   if total is None:
     return dict(metrics)
@@ -132,7 +147,8 @@ def one_step_in_flight() -> bool:
 
 def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, ckpt, stop,
           workdir):
-  total, count, t0 = None, 0, time.perf_counter()
+  total, count, seconds = _restored_window(ckpt, start)
+  t0 = time.perf_counter() - seconds
   step = saved = start
   evaluated = None  # the step the loop last evaluated, in this process
   wait = one_step_in_flight()
@@ -142,7 +158,11 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
     # only at log steps (a resume from it would fail again at once).
     _check_finite(step, {"theta": 0.0 if bool(_all_finite(_theta(state))) else float("nan")},
                   saved)
-    ckpt.save(step, state)
+    sums = jax.device_get(total or {})
+    window = {"count": count, "seconds": time.perf_counter() - t0,
+              "sums": {k: v.item() for k, v in sums.items()},
+              "dtypes": {k: str(v.dtype) for k, v in sums.items()}}
+    ckpt.save(step, state, extra={LOG_WINDOW: window})
     return step
 
   if start and config.eval.every and start % config.eval.every == 0 and _not_evaluated(workdir,
@@ -154,7 +174,10 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
     state, loss, metrics = exp.learner.update(state, train_key)
     if wait:
       jax.block_until_ready(loss)
-    total = _accumulate(total, dict(metrics, meta_loss=loss))
+    metrics = dict(metrics, meta_loss=loss)
+    if total is not None and set(total) != set(metrics):  # a window saved by other code
+      total, count, t0 = None, 0, time.perf_counter()
+    total = _accumulate(total, metrics)
     count += 1
     report(step)
     if step % config.log_every == 0 or step == config.num_outer_steps:

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +100,33 @@ def test_a_resume_evaluates_the_saved_step_whose_evaluation_was_skipped(tmp_path
   written = os.path.getmtime(f"{workdir}/eval/step_000003.json")
   train.train_and_evaluate(config, workdir)
   assert os.path.getmtime(f"{workdir}/eval/step_000003.json") == written
+
+
+def _logged(workdir, tag):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  acc, _ = _scalars(workdir)
+  return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+
+
+def test_the_first_point_logged_after_a_resume_averages_the_whole_window(tmp_path):
+  # The metric sums since the last log step lived only in memory: a run resumed from a step
+  # between log steps logged the mean of the steps after the resume alone (5.20 instead of
+  # 5.26 in a review's SIGTERM run), so every preemption bent the curves.
+  config = test_config.get_config()
+  config.num_outer_steps, config.log_every, config.checkpoint_every = 6, 4, 3
+  config.keep_checkpoints, config.eval.at_end = 5, False
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train.train_and_evaluate(config, str(straight))
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "6")  # as if killed after saving step 3
+  for events in resumed.glob("events.out.tfevents.*"):
+    events.unlink()
+  train.train_and_evaluate(config, str(resumed))
+  for tag in ("meta/meta_loss", "meta/theta_grad_norm",
+              "meta/truncated_pes/digits_mlp/restart_frac"):
+    expected = _logged(straight, tag)
+    assert sorted(expected) == [4, 6]
+    assert _logged(resumed, tag) == expected, tag
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, compile_cache):
