@@ -76,6 +76,28 @@ def _check_finite(step: int, scalars: Dict[str, float], last_saved: int):
                          "outer_optimizer.learning_rate or set outer_optimizer.meta_grad_clip)")
 
 
+class AllRunsDivergedError(NonFiniteError):
+  """Every inner run of every task family diverged for `MAX_ALL_DIVERGED_STEPS` outer steps."""
+
+
+# Outer steps in a row in which every inner run diverged before the run is stopped: diverged
+# runs give no meta-gradient, so theta stays where every run diverges (only the outer
+# optimizer's momentum still moves it) and the run would go on learning nothing.
+MAX_ALL_DIVERGED_STEPS = 100
+_DIVERGED = "/diverged_frac"
+
+
+def _all_diverged_steps(scalars: Dict[str, float], count: int, before: int, step: int) -> int:
+  """Outer steps in a row, to this log step, in which every inner run diverged. Warns for a
+  family all of whose runs diverged in this window (its metrics then read 0)."""
+  fracs = {k[:-len(_DIVERGED)]: v for k, v in scalars.items() if k.endswith(_DIVERGED)}
+  for name, frac in sorted(fracs.items()):
+    if frac == 1.0:
+      logging.warning("Every inner run of %s diverged in outer steps %d-%d: it adds nothing to "
+                      "the meta-gradient, and its losses read 0.", name, step - count + 1, step)
+  return before + count if fracs and all(f == 1.0 for f in fracs.values()) else 0
+
+
 def init_state(exp: experiment.Experiment, seed: int):
   key = jax.random.fold_in(jax.random.key(seed), INIT_STREAM)
   return exp.learner.init(key)
@@ -150,6 +172,7 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
   total, count, seconds = _restored_window(ckpt, start)
   t0 = time.perf_counter() - seconds
   step = saved = start
+  all_diverged = 0  # outer steps in a row in which every inner run diverged
   evaluated = None  # the step the loop last evaluated, in this process
   wait = one_step_in_flight()
 
@@ -183,6 +206,14 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
     if step % config.log_every == 0 or step == config.num_outer_steps:
       scalars = {k: float(v) / count for k, v in jax.device_get(total).items()}
       _check_finite(step, scalars, saved)
+      all_diverged = _all_diverged_steps(scalars, count, all_diverged, step)
+      if all_diverged >= MAX_ALL_DIVERGED_STEPS:
+        raise AllRunsDivergedError(
+            f"every inner run of every task family diverged in each of the last {all_diverged} "
+            f"outer steps (to step {step}): theta gets no meta-gradient and cannot improve; "
+            + (f"the last checkpoint (outer step {saved}) is kept" if saved else
+               "no checkpoint was written") + ". Check the learned optimizer's step sizes "
+            "(learned_optimizer.kwargs), the task families' kwargs and estimator.std.")
       elapsed = time.perf_counter() - t0
       scalars = {f"meta/{k}": v for k, v in scalars.items()}
       scalars["perf/outer_steps_per_s"] = count / elapsed

@@ -276,3 +276,27 @@ def test_a_misspelled_field_in_a_config_file_fails_before_anything_is_created(tm
                     "(misspelled?); estimator has: " + ", ".join(sorted(
                         default.get_config().estimator.keys()))], result.stderr[-2000:]
   assert not workdir.exists()
+
+
+def test_a_run_whose_inner_runs_all_diverge_stops_with_a_clear_error(tmp_path, monkeypatch):
+  # Before: a perturbation this large (or an inf step size) made every inner run diverge, the
+  # meta-gradient was 0 at every step, and the run exited 0 having learned nothing.
+  monkeypatch.setattr(train, "MAX_ALL_DIVERGED_STEPS", 4)
+  config = test_config.get_config()
+  config.estimator.std = 1e30
+  config.num_outer_steps, config.log_every, config.checkpoint_every = 20, 2, 2
+  config.eval.at_end = False
+  with pytest.raises(train.AllRunsDivergedError,
+                     match=r"every inner run of every task family diverged in each of the last "
+                           r"4 outer steps \(to step 4\): .*the last checkpoint \(outer step 2\) "
+                           r"is kept\. Check .*estimator\.std"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert isinstance(train.AllRunsDivergedError("x"), train.NonFiniteError)  # main's exit 3
+
+
+def test_all_diverged_steps_count_only_windows_where_every_family_diverged():
+  both = {"a/diverged_frac": 1.0, "b/diverged_frac": 1.0, "meta_loss": 2.0}
+  one = {"a/diverged_frac": 1.0, "b/diverged_frac": 0.5, "meta_loss": 2.0}
+  assert train._all_diverged_steps(both, 10, 30, 40) == 40
+  assert train._all_diverged_steps(one, 10, 30, 40) == 0
+  assert train._all_diverged_steps({"meta_loss": 2.0}, 10, 30, 40) == 0
