@@ -157,6 +157,10 @@ def test_an_estimator_with_nothing_valid_does_not_pull_the_meta_loss_down():
   np.testing.assert_allclose(float(grads.mean_loss), 0.04)
   none = grads.replace(loss_weights=jnp.zeros([2]))
   assert float(none.mean_loss) == 0.0
+  # Two finite losses near float32's max: added before the division they made an inf
+  # meta-loss, which stopped the run as non-finite.
+  huge = grads.replace(losses=jnp.asarray([2e38, 2e38]), loss_weights=jnp.ones([2]))
+  np.testing.assert_allclose(float(huge.mean_loss), 2e38, rtol=1e-6)
 
 
 @pytest.mark.parametrize("clip", [None, 1.0])

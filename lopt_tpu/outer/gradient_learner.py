@@ -54,9 +54,8 @@ class AggregatedGradient:
   def mean_loss(self) -> jax.Array:
     """The estimators' losses averaged with equal weight (as their gradients are), over those
     with any valid entry: one whose runs all diverged reports 0 with weight 0, which would
-    pull the mean down. 0 when none has one."""
-    scored = self.loss_weights > 0
-    return jnp.sum(jnp.where(scored, self.losses, 0.0)) / jnp.maximum(jnp.sum(scored), 1)
+    pull the mean down. 0 when none has one. (Divided before added: see `masked_mean`.)"""
+    return est_base.masked_mean(self.losses, self.loss_weights > 0)
 
 
 def _weighted(values: Dict[str, jax.Array], weights: Dict[str, jax.Array], combine):
