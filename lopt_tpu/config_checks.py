@@ -97,9 +97,8 @@ def check_known_fields(config, reference):
   (A command-line override of an unknown field is already refused by ml_collections.)
   """
   known = flatten(reference.to_dict())
-  free = lambda k: any(k == f or k.startswith(f + ".") for f in FREE_FORM_FIELDS)
   for key, value in sorted(flatten(config.to_dict()).items()):
-    if key not in known and not free(key):
+    if key not in known and not _under(key, FREE_FORM_FIELDS):
       section = key.rpartition(".")[0]
       siblings = sorted(k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == section)
       _fail(key, value, "unknown field (misspelled?); "
@@ -285,8 +284,13 @@ DATA_LOCATION_KWARGS = ("download", "data_dir")
 RUN_CONFIG_FILE = "config.json"
 
 
+def _under(key: str, fields) -> bool:
+  """Whether the flat `key` is one of `fields` or inside one of them."""
+  return any(key == f or key.startswith(f + ".") for f in fields)
+
+
 def _resumable(key: str) -> bool:
-  if any(key == a or key.startswith(a + ".") for a in RESUMABLE_CHANGES):
+  if _under(key, RESUMABLE_CHANGES):
     return True
   parts = key.split(".")
   return (len(parts) == 4 and parts[0] == "task_families" and parts[2] == "kwargs"

@@ -49,7 +49,8 @@ LOG_WINDOW = "log_window"
 
 def _restored_window(ckpt, start: int):
   """(sums, count, seconds) of the metrics window saved with checkpoint `start` (the sums
-  restored exactly, in their dtypes); an empty window for a fresh start or a checkpoint saved without one."""
+  restored exactly, in their dtypes); an empty window for a fresh start or a checkpoint saved
+  without one."""
   window = ckpt.extra(start).get(LOG_WINDOW) if start else None
   if not window or not window.get("count"):
     return None, 0, 0.0
@@ -198,8 +199,8 @@ def _loop(config, exp, state, start, train_key, inner_per_step, writer, report, 
     if wait:
       jax.block_until_ready(loss)
     metrics = dict(metrics, meta_loss=loss)
-    if total is not None and set(total) != set(metrics):  # a window saved by other code
-      total, count, t0 = None, 0, time.perf_counter()
+    if step == start + 1 and total is not None and set(total) != set(metrics):
+      total, count, t0 = None, 0, time.perf_counter()  # a restored window of other metrics
     total = _accumulate(total, metrics)
     count += 1
     report(step)

@@ -92,9 +92,9 @@ class AdafacMLPLOpt(base.LearnedOptimizer):
   Per-parameter features, each divided by its root-mean-square over the tensor: the parameter,
   its gradient, momenta m_i (`momentum_decays`), sqrt of the running mean of g^2 v_j
   (`rms_decays`), m_i * rsqrt(v_j), sqrt of the factored estimates f_k (`adafactor_decays`)
-  and m_i / sqrt(f_k + m_i^2) (see `per_param_features`); plus the tanh time embedding (shared by all
-  parameters). With the defaults that is 2 + 3 + 1 + 3 + 3 + 9 = 21 normalized features and 11
-  time features.
+  and m_i / sqrt(f_k + m_i^2) (see `per_param_features`); plus the tanh time embedding (shared
+  by all parameters). With the defaults that is 2 + 3 + 1 + 3 + 3 + 9 = 21 normalized features
+  and 11 time features.
 
   Args:
     hidden_size: width of the MLP's hidden layers.
